@@ -1,0 +1,261 @@
+"""Kimi Delta Attention (KDA) token mixer as a megatron-core module.
+
+Per head h, with state S in R^{dk x dv} (Kimi Linear, arXiv 2510.26692, eq. 1):
+    q, k = L2Norm(SiLU(ShortConv(W x)))       v = SiLU(ShortConv(W_v x))
+    g    = -exp(A_log[h]) * softplus(f_b(f_a(x)) + dt_bias)      (per-channel log decay)
+    beta = sigmoid(b(x))
+    S_t  = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t dk^-0.5
+    y    = W_o (RMSNorm_head(o) * sigmoid(g_b(g_a(x))))
+
+Tensor parallelism splits heads: the q/k/v/beta and gate up-projections are column-parallel, the
+output row-parallel, and the short convolutions, A_log and dt_bias hold the local heads' channels.
+The low-rank down-projections f_a and g_a (d -> dk) are small and replicated in effect
+(column-parallel with gathered output). Under sequence parallelism the input is gathered once and
+the output projection reduce-scatters, as in megatron-core's attention.
+
+The recurrence itself sits behind `deltatron.kernels.kda.kda` (pure PyTorch chunkwise on CPU, the
+Triton kernels when they exist); this module only prepares its inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from deltatron.kernels.kda import kda as kda_op
+
+
+@dataclass
+class KDASubmodules:
+    """Module specs of the KDA mixer's projections (TE or megatron-core local classes)."""
+
+    linear_q: Union[ModuleSpec, type] = IdentityOp  # column-parallel d -> H*dk
+    linear_k: Union[ModuleSpec, type] = IdentityOp  # column-parallel d -> H*dk
+    linear_v: Union[ModuleSpec, type] = IdentityOp  # column-parallel d -> H*dv
+    linear_beta: Union[ModuleSpec, type] = IdentityOp  # column-parallel d -> H
+    linear_f_a: Union[ModuleSpec, type] = IdentityOp  # d -> dk, output gathered
+    linear_f_b: Union[ModuleSpec, type] = IdentityOp  # column-parallel dk -> H*dk
+    linear_g_a: Union[ModuleSpec, type] = IdentityOp  # d -> dv, output gathered
+    linear_g_b: Union[ModuleSpec, type] = IdentityOp  # column-parallel dv -> H*dv
+    linear_proj: Union[ModuleSpec, type] = IdentityOp  # row-parallel H*dv -> d
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (the form Kimi's kernels use)."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] position of each token inside its document, for packed sequences."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)
+    return idx - cu_seqlens.to(idx.dtype)[doc]
+
+
+def causal_short_conv(
+    x: torch.Tensor, weight: torch.Tensor, doc_pos: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Depthwise causal convolution with document resets.
+
+    x: [B, T, C]; weight: [C, W] (tap W-1 multiplies the current token, like torch's conv1d with
+    left padding W-1); doc_pos: [T] position inside the document (packed sequences) or None.
+    A tap reaching before the start of a document contributes zero, so documents never mix.
+    """
+    width = weight.shape[-1]
+    out = x * weight[:, width - 1]
+    for shift in range(1, width):
+        shifted = F.pad(x[:, :-shift], (0, 0, shift, 0)) if shift < x.shape[1] else torch.zeros_like(x)
+        if doc_pos is not None:
+            shifted = shifted * (doc_pos >= shift).to(x.dtype)[None, :, None]
+        out = out + shifted * weight[:, width - 1 - shift]
+    return out
+
+
+class KimiDeltaAttention(MegatronModule):
+    """KDA mixer. Input and output [S, B, D] (S/TP under sequence parallelism)."""
+
+    def __init__(
+        self,
+        config,
+        submodules: KDASubmodules,
+        layer_number: int = 1,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        **unused,  # cp_comm_type, pp_layer_offset, name: accepted like megatron's attention
+    ):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        assert pg_collection is not None, "KimiDeltaAttention needs pg_collection"
+        self.tp_group = pg_collection.tp
+        tp = self.tp_group.size()
+        self.num_heads = config.linear_num_key_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        if config.linear_num_value_heads != self.num_heads:
+            raise ValueError("KDA uses as many value heads as key heads")
+        if self.num_heads % tp:
+            raise ValueError(
+                f"KDA heads ({self.num_heads}) must be divisible by tensor parallel size ({tp})"
+            )
+        self.local_heads = self.num_heads // tp
+        self.conv_width = config.linear_conv_kernel_dim
+        self.chunk_size = config.kda_chunk_size
+        self.backend = config.kda_backend
+        self.eps = config.layernorm_epsilon
+        hk, hv = self.num_heads * self.head_k_dim, self.num_heads * self.head_v_dim
+
+        # Input-side linears see the full sequence: it is gathered once in forward under SP.
+        in_config = copy.copy(config)
+        in_config.sequence_parallel = False
+
+        def column(spec, n_in, n_out, gather_output=False):
+            return build_module(
+                spec, n_in, n_out, config=in_config, init_method=config.init_method,
+                gather_output=gather_output, bias=False, skip_bias_add=False, is_expert=False,
+                tp_comm_buffer_name=None, tp_group=self.tp_group,
+            )
+
+        d = config.hidden_size
+        self.linear_q = column(submodules.linear_q, d, hk)
+        self.linear_k = column(submodules.linear_k, d, hk)
+        self.linear_v = column(submodules.linear_v, d, hv)
+        self.linear_beta = column(submodules.linear_beta, d, self.num_heads)
+        self.linear_f_a = column(submodules.linear_f_a, d, self.head_k_dim, gather_output=True)
+        self.linear_f_b = column(submodules.linear_f_b, self.head_k_dim, hk)
+        self.linear_g_a = column(submodules.linear_g_a, d, self.head_v_dim, gather_output=True)
+        self.linear_g_b = column(submodules.linear_g_b, self.head_v_dim, hv)
+        self.linear_proj = build_module(
+            submodules.linear_proj, hv, d, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=self.tp_group,
+        )
+
+        local_k = self.local_heads * self.head_k_dim
+        local_v = self.local_heads * self.head_v_dim
+        rank = self.tp_group.rank()
+        dev = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+        dtype = config.params_dtype
+
+        def tp_param(full: torch.Tensor, local: int, fp32: bool = False) -> nn.Parameter:
+            # Initialise the full tensor, keep this rank's heads: identical across TP sizes.
+            p = nn.Parameter(
+                full[rank * local : (rank + 1) * local].to(
+                    device=dev, dtype=torch.float32 if fp32 else dtype
+                ).contiguous()
+            )
+            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+            return p
+
+        bound = 1.0 / math.sqrt(self.conv_width)  # torch's default conv1d init for depthwise
+        self.q_conv = tp_param(torch.empty(hk, self.conv_width).uniform_(-bound, bound), local_k)
+        self.k_conv = tp_param(torch.empty(hk, self.conv_width).uniform_(-bound, bound), local_k)
+        self.v_conv = tp_param(torch.empty(hv, self.conv_width).uniform_(-bound, bound), local_v)
+        # A_log and dt_bias: fp32, no weight decay (Kimi Linear / FLA initialisation).
+        self.A_log = tp_param(torch.empty(self.num_heads).uniform_(1, 16).log(), self.local_heads, fp32=True)
+        dt = torch.empty(hk).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp_min(1e-4)
+        self.dt_bias = tp_param(dt + torch.log(-torch.expm1(-dt)), local_k, fp32=True)
+        for p in (self.A_log, self.dt_bias):
+            p._no_weight_decay = True
+        # Output norm weight [dv], shared by all heads and replicated over TP ranks.
+        self.o_norm_weight = nn.Parameter(torch.ones(self.head_v_dim, device=dev, dtype=torch.float32))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        **unused,
+    ):
+        """hidden_states: [S, B, D] -> (output [S, B, D], None)."""
+        x = hidden_states
+        if self.config.sequence_parallel and self.tp_group.size() > 1:
+            x = gather_from_sequence_parallel_region(x, group=self.tp_group)
+        seq_len, batch = x.shape[:2]
+
+        cu_seqlens = doc_pos = None
+        if packed_seq_params is not None:
+            if batch != 1:
+                raise ValueError("packed sequences (THD) need the batch folded into one row")
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            doc_pos = positions_in_documents(cu_seqlens, seq_len)
+
+        def proj(linear, inp):
+            out, _ = linear(inp)
+            return out.transpose(0, 1)  # [S, B, C] -> [B, S, C]
+
+        q = proj(self.linear_q, x)
+        k = proj(self.linear_k, x)
+        v = proj(self.linear_v, x)
+        q = F.silu(causal_short_conv(q, self.q_conv, doc_pos))
+        k = F.silu(causal_short_conv(k, self.k_conv, doc_pos))
+        v = F.silu(causal_short_conv(v, self.v_conv, doc_pos))
+        heads = (batch, seq_len, self.local_heads, -1)
+        q = l2_normalize(q.view(heads))
+        k = l2_normalize(k.view(heads))
+        v = v.view(heads)
+
+        f, _ = self.linear_f_a(x)
+        gate_in = proj(self.linear_f_b, f).float() + self.dt_bias
+        g = -self.A_log.exp()[:, None] * F.softplus(gate_in.view(heads))
+        beta = torch.sigmoid(proj(self.linear_beta, x).float())
+
+        o, _ = kda_op(
+            q, k, v, g, beta, initial_state=None, output_final_state=False,
+            cu_seqlens=cu_seqlens, backend=self._kernel_backend(), chunk_size=self.chunk_size,
+        )
+
+        go, _ = self.linear_g_a(x)
+        out_gate = proj(self.linear_g_b, go).view(heads)
+        o = o.float()
+        # Each TP rank only sees its own heads, so the shared weight's gradient is summed over
+        # TP ranks (identity forward, all-reduce backward).
+        norm_weight = (
+            copy_to_tensor_model_parallel_region(self.o_norm_weight, group=self.tp_group)
+            if self.tp_group.size() > 1
+            else self.o_norm_weight
+        )
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * norm_weight
+        o = (o * torch.sigmoid(out_gate.float())).to(x.dtype)
+        o = o.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()  # [S, B, H*dv]
+        return self.linear_proj(o)
+
+    def _kernel_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        from deltatron.kernels.kda import available_backends
+
+        return "triton" if "triton" in available_backends() and torch.cuda.is_available() else "torch"
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
+        sharded = {}
+        own = {}
+        for name, param in self.named_parameters(recurse=False):
+            own[name] = param
+        axis_map = {name: 0 for name in ("q_conv", "k_conv", "v_conv", "A_log", "dt_bias")}
+        sharded.update(
+            make_sharded_tensors_for_checkpoint(own, prefix, axis_map, sharded_offsets)
+        )
+        for name, module in self.named_children():
+            sharded.update(module.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        return sharded

@@ -1,0 +1,132 @@
+"""Kimi Linear's MLA (NoPE) on megatron-core, with a local core attention that reports max logits.
+
+megatron-core's `MLASelfAttention` does the projections; two things are ours:
+
+* `KimiMLASelfAttention` resolves the norms the Kimi way: no query compression and no query norm,
+  an RMSNorm on the compressed KV. megatron-core's resolver insists on a fused q norm whenever
+  `qk_layernorm` is set and rejects the KV norm otherwise.
+* `SDPACoreAttention` replaces megatron-core's local `DotProductAttention`, which rejects MLA's
+  `k_channels`/`v_channels` in 0.19.2. It runs torch SDPA (flash/efficient kernels on GPU),
+  handles packed documents (THD layout, `cu_seqlens`) and, when asked, records the per-head
+  maximum attention logit that MuonClip's QK-clip needs, in megatron-core's attribute
+  `current_max_attn_logits` so `MLASelfAttention.clip_qk` works with it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+# Query rows per block when computing max logits without materialising the full [T, T] scores.
+_MAX_LOGIT_BLOCK = 1024
+
+
+class KimiMLASelfAttention(MLASelfAttention):
+    """megatron-core MLA with Kimi's norm placement (no q norm, RMSNorm on the KV latent)."""
+
+    def _resolve_qk_norm_config(self, submodules):
+        if self.config.q_lora_rank is not None:
+            raise ValueError("Kimi Linear's MLA has no query compression: set model.q_lora_rank=null")
+        return dict(
+            linear_q_proj=submodules.linear_q_proj,
+            linear_q_up_proj=IdentityOp,
+            linear_kv_up_proj=submodules.linear_kv_up_proj,
+            q_layernorm=IdentityOp,
+            kv_layernorm=submodules.kv_layernorm,
+        )
+
+
+def causal_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-head max of scale * q.k over causal pairs. q, k: [B, N, T, D] -> [N] (fp32)."""
+    t = q.shape[2]
+    best = torch.full((q.shape[1],), float("-inf"), device=q.device, dtype=torch.float32)
+    for start in range(0, t, _MAX_LOGIT_BLOCK):
+        end = min(start + _MAX_LOGIT_BLOCK, t)
+        scores = torch.einsum("bnqd,bnkd->bnqk", q[:, :, start:end].float(), k[:, :, :end].float())
+        rows = torch.arange(start, end, device=q.device)[:, None]
+        cols = torch.arange(end, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows, float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=(0, 2, 3)) * scale)
+    return best
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal softmax attention on torch SDPA; the local core attention for MLA.
+
+    forward(q [S, B, N, Dqk], k [S, B, N, Dqk], v [S, B, N, Dv]) -> [S, B, N*Dv]; with THD packed
+    sequences q/k/v are [T, N, D] and the result [T, N*Dv].
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **unused,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("SDPACoreAttention has no context parallelism")
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale
+        self.track_max_logits = bool(config.qk_clip or config.log_max_attention_logit)
+        self.current_max_attn_logits: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        **unused,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention does not take an attention bias")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._forward_packed(query, key, value, packed_seq_params.cu_seqlens_q)
+        # [S, B, N, D] -> [B, N, S, D]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = self._attend(q, k, v)  # [B, N, S, Dv]
+        s, b = query.shape[:2]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _forward_packed(self, query, key, value, cu_seqlens):
+        # Documents are contiguous in THD; attend within each one.
+        bounds = cu_seqlens.tolist()
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end == start:
+                continue
+            q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
+            outs.append(self._attend(q, k, v)[0].transpose(0, 1))  # [t, N, Dv]
+        out = torch.cat(outs, dim=0)
+        return out.reshape(out.shape[0], -1)
+
+    def _attend(self, q, k, v):
+        """q, k: [B, N, T, Dqk]; v: [B, N, T, Dv] -> [B, N, T, Dv]."""
+        if self.track_max_logits:
+            with torch.no_grad():
+                step_max = causal_max_logits(q, k, self.softmax_scale)
+            self.current_max_attn_logits = (
+                step_max
+                if self.current_max_attn_logits is None
+                else torch.maximum(self.current_max_attn_logits, step_max)
+            )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)

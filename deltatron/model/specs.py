@@ -1,0 +1,155 @@
+"""Layer specs of the Kimi Linear hybrid stack, for Transformer Engine or megatron-core local modules.
+
+Each backend is one `_Backend` record of classes; `kimi_linear_stack_spec` assembles the same
+structure from either, so the TE and local paths differ only in which classes they name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from deltatron.model.kda import KDASubmodules, KimiDeltaAttention
+from deltatron.model.mla import KimiMLASelfAttention, SDPACoreAttention
+from deltatron.model.norm import RMSNorm
+
+
+@dataclass(frozen=True)
+class _Backend:
+    norm: type
+    column: type  # column-parallel linear
+    row: type  # row-parallel linear
+    duplicated: type  # small down-projection replicated over TP (MLA's kv down-projection)
+    core_attention: type
+    mlp_fc1: type  # the dense MLP's first linear (TE fuses the pre-MLP norm into it)
+    pre_mlp_norm: type
+    use_te: bool
+
+
+def _local_backend() -> _Backend:
+    return _Backend(
+        norm=RMSNorm,
+        column=ColumnParallelLinear,
+        row=RowParallelLinear,
+        duplicated=ColumnParallelLinear,
+        core_attention=SDPACoreAttention,
+        mlp_fc1=ColumnParallelLinear,
+        pre_mlp_norm=RMSNorm,
+        use_te=False,
+    )
+
+
+def _te_backend() -> _Backend:
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TELinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    return _Backend(
+        norm=TENorm,
+        column=TEColumnParallelLinear,
+        row=TERowParallelLinear,
+        duplicated=TELinear,
+        core_attention=TEDotProductAttention,
+        mlp_fc1=TELayerNormColumnParallelLinear,
+        pre_mlp_norm=IdentityOp,
+        use_te=True,
+    )
+
+
+def kimi_linear_stack_spec(transformer_impl: str, num_experts: int, grouped_gemm: bool) -> ModuleSpec:
+    """Spec of the whole decoder stack. transformer_impl: "transformer_engine" or "local"."""
+    from deltatron.model.model import KimiLinearStack
+
+    b = _te_backend() if transformer_impl == "transformer_engine" else _local_backend()
+
+    kda_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=b.norm,
+            self_attention=ModuleSpec(
+                module=KimiDeltaAttention,
+                submodules=KDASubmodules(
+                    linear_q=b.column,
+                    linear_k=b.column,
+                    linear_v=b.column,
+                    linear_beta=b.column,
+                    # the low-rank down-projections gather their (tiny) output: local class
+                    linear_f_a=ColumnParallelLinear,
+                    linear_f_b=b.column,
+                    linear_g_a=ColumnParallelLinear,
+                    linear_g_b=b.column,
+                    linear_proj=b.row,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+        ),
+    )
+    mla_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=b.norm,
+            self_attention=ModuleSpec(
+                module=KimiMLASelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=MLASelfAttentionSubmodules(
+                    linear_q_proj=b.column,
+                    linear_kv_down_proj=b.duplicated,
+                    linear_kv_up_proj=b.column,
+                    core_attention=b.core_attention,
+                    linear_proj=b.row,
+                    q_layernorm=IdentityOp,
+                    kv_layernorm=b.norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=b.pre_mlp_norm,
+            mlp=partial(
+                MLP.as_mlp_submodule,
+                submodules=MLPSubmodules(linear_fc1=b.mlp_fc1, linear_fc2=b.row),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+    moe_layer = ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=b.norm,
+            mlp=get_moe_module_spec(
+                use_te=b.use_te, num_experts=max(num_experts, 1), moe_grouped_gemm=grouped_gemm
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+    return ModuleSpec(
+        module=KimiLinearStack,
+        params={"final_norm": b.norm},
+        submodules=HybridStackSubmodules(
+            gdn_layer=kda_layer, mla_layer=mla_layer, mlp_layer=mlp_layer, moe_layer=moe_layer
+        ),
+    )

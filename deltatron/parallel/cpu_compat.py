@@ -1,0 +1,175 @@
+"""Run megatron-core on CPU processes (gloo) for tests and CPU training.
+
+megatron-core 0.19.2 assumes CUDA in a handful of places (see ../shared/reference/
+megatron-core-0.19.2.md, section 8). `enable()` patches exactly those, and only when CUDA is
+absent, so the GPU path is always megatron-core's own code:
+
+1. `torch.cuda.current_device()` (used as a `device=` argument for buffers) answers "cpu".
+2. CUDA streams, events and synchronize become no-ops (MoE all-to-all dispatcher, p2p
+   communication, checkpoint preloading create or wait on them).
+3. Modules that allocate with a literal `device="cuda"` (the pipeline schedules, the optimizer
+   wrappers' grad-norm helpers) see a `torch` whose tensor factories map "cuda" to "cpu" and whose
+   `autocast("cuda")` is a CPU autocast.
+4. MoE's `maybe_move_tensor_to_cpu` only converts CUDA tensors, so on CPU the all-to-all split
+   sizes stay tensors and gloo's `all_to_all_single` rejects them; on CPU it converts always.
+5. The tensor-parallel RNG tracker is created explicitly (its CUDA seeding cannot run), as an
+   "inference" tracker whose fork() is a no-op: dropout is 0 in our models, and weights are
+   initialised on CPU from the global seed (`use_cpu_initialization`), identical across layouts.
+
+Not patchable and therefore avoided on CPU: megatron-core's fp16/bf16 optimizer wrappers,
+DistributedOptimizer and its gradient clipping insist on `torch.cuda.*Tensor` parameters; CPU runs
+use fp32 and `deltatron.train.optim.clip_grad_norm_` (the GPU path keeps megatron-core's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+
+import torch
+
+_ENABLED = False
+
+# Modules whose `torch` global is replaced by the CPU-mapping proxy (patch 3).
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",
+    "megatron.core.pipeline_parallel.p2p_communication",
+)
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor",
+)
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    d = torch.device(device)
+    return torch.device("cpu") if d.type == "cuda" else d
+
+
+class _CpuTorch(types.ModuleType):
+    """A stand-in for the `torch` module that maps device="cuda" to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args, __fn=attr, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return __fn(*args, **kwargs)
+
+            return factory
+        if name == "autocast":
+            def autocast(device_type="cuda", *args, **kwargs):
+                return torch.autocast("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+            return autocast
+        return attr
+
+
+class _NoopStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoopEvent()
+
+    def synchronize(self):
+        pass
+
+
+class _NoopEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def enable() -> bool:
+    """Apply the CPU patches when CUDA is unavailable. Idempotent; returns whether active."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+
+    # 1 + 2
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.Stream = _NoopStream
+    torch.cuda.Event = _NoopEvent
+    torch.cuda.current_stream = lambda *a, **k: _NoopStream()
+    torch.cuda.default_stream = lambda *a, **k: _NoopStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    # 3
+    proxy = _CpuTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        module.torch = proxy
+
+    # 4
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor):
+            tensor = tensor.cpu()
+            if as_numpy:
+                tensor = tensor.numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    _ENABLED = True
+    return True
+
+
+def initialize_rng(seed: int) -> None:
+    """Seed the global RNG and create megatron-core's tensor-parallel RNG tracker.
+
+    On CUDA this is megatron-core's `model_parallel_cuda_manual_seed`; on CPU (patch 5) a no-op
+    tracker, since the CUDA RNG states it manages do not exist.
+    """
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def is_enabled() -> bool:
+    return _ENABLED

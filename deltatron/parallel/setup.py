@@ -1,0 +1,81 @@
+"""torch.distributed and megatron-core process groups for one run.
+
+Works under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) and in a plain single process, where it
+creates a world of one on a free local port so megatron-core's process groups exist. Uses NCCL on
+GPUs and gloo (with the CPU compatibility layer) otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from deltatron.parallel import cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed once (idempotent)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        cpu_compat.enable()
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def init_process_groups(
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int | None = None,
+    cp: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Initialise torch.distributed and megatron-core's model-parallel groups for a layout.
+
+    Data parallelism is what remains of the world size; megatron-core checks divisibility.
+    """
+    from megatron.core import parallel_state
+
+    init_distributed()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    cpu_compat.initialize_rng(seed)
+
+
+def destroy_process_groups() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
