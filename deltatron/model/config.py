@@ -50,6 +50,8 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # RMSNorm eps on the compressed KV latent (the reference keeps RMSNorm's default there)
+    mla_kv_norm_eps: float = 1e-6
 
     # FFN: the first `first_k_dense` layers are dense SwiGLU of width `dense_ffn_hidden_size`,
     # the rest MoE with `num_experts` SwiGLU experts of width `moe_ffn_hidden_size`.

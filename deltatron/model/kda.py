@@ -157,11 +157,8 @@ class KimiDeltaAttention(MegatronModule):
 
         def tp_param(full: torch.Tensor, local: int, fp32: bool = False) -> nn.Parameter:
             # Initialise the full tensor, keep this rank's heads: identical across TP sizes.
-            p = nn.Parameter(
-                full[rank * local : (rank + 1) * local].to(
-                    device=dev, dtype=torch.float32 if fp32 else dtype
-                ).contiguous()
-            )
+            shard = full[rank * local : (rank + 1) * local].to(torch.float32 if fp32 else dtype)
+            p = nn.Parameter(shard.contiguous() if shard.is_meta else shard.to(dev).contiguous())
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
             return p
 
@@ -176,7 +173,9 @@ class KimiDeltaAttention(MegatronModule):
         for p in (self.A_log, self.dt_bias):
             p._no_weight_decay = True
         # Output norm weight [dv], shared by all heads and replicated over TP ranks.
-        self.o_norm_weight = nn.Parameter(torch.ones(self.head_v_dim, device=dev, dtype=torch.float32))
+        self.o_norm_weight = nn.Parameter(torch.ones(self.head_v_dim, dtype=torch.float32))
+        if not self.o_norm_weight.is_meta:
+            self.o_norm_weight.data = self.o_norm_weight.data.to(dev)
 
     def forward(
         self,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -60,7 +61,8 @@ def build_model(
     overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
     tc = cfg.to_transformer_config(**overrides)
     spec = kimi_linear_stack_spec(
-        tc.transformer_impl, num_experts=cfg.num_experts, grouped_gemm=bool(tc.moe_grouped_gemm)
+        tc.transformer_impl, num_experts=cfg.num_experts, grouped_gemm=bool(tc.moe_grouped_gemm),
+        kv_norm_eps=cfg.mla_kv_norm_eps,
     )
     return HybridModel(
         config=tc,
@@ -75,6 +77,27 @@ def build_model(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+
+
+@contextlib.contextmanager
+def _meta_device():
+    # megatron-core allocates parameters with device=torch.cuda.current_device(), which overrides
+    # a torch.device("meta") context; pointing it at "meta" keeps every allocation abstract.
+    saved = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "meta"
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.cuda.current_device = saved
+
+
+def build_model_on_meta(cfg: ModelConfig, **kwargs) -> HybridModel:
+    """Build the model with meta tensors only: shapes and counts without memory or init."""
+    with _meta_device():
+        return build_model(
+            cfg, use_cpu_initialization=False, perform_initialization=False, **kwargs
+        )
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:

@@ -77,7 +77,23 @@ def _te_backend() -> _Backend:
     )
 
 
-def kimi_linear_stack_spec(transformer_impl: str, num_experts: int, grouped_gemm: bool) -> ModuleSpec:
+def _fixed_eps_norm(norm: type, eps: float):
+    """A norm builder that ignores the eps its caller passes.
+
+    MLA builds its KV-latent norm with the model's eps (1e-5), but Kimi Linear's reference uses
+    1e-6 there (transformers' `kv_a_layernorm` keeps RMSNorm's default).
+    """
+
+    def build(config, hidden_size, eps=None, **kwargs):
+        return norm(config=config, hidden_size=hidden_size, eps=eps_fixed, **kwargs)
+
+    eps_fixed = eps
+    return build
+
+
+def kimi_linear_stack_spec(
+    transformer_impl: str, num_experts: int, grouped_gemm: bool, kv_norm_eps: float
+) -> ModuleSpec:
     """Spec of the whole decoder stack. transformer_impl: "transformer_engine" or "local"."""
     from deltatron.model.model import KimiLinearStack
 
@@ -119,7 +135,7 @@ def kimi_linear_stack_spec(transformer_impl: str, num_experts: int, grouped_gemm
                     core_attention=b.core_attention,
                     linear_proj=b.row,
                     q_layernorm=IdentityOp,
-                    kv_layernorm=b.norm,
+                    kv_layernorm=_fixed_eps_norm(b.norm, kv_norm_eps),
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
