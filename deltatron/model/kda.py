@@ -170,12 +170,15 @@ class KimiDeltaAttention(MegatronModule):
         self.A_log = tp_param(torch.empty(self.num_heads).uniform_(1, 16).log(), self.local_heads, fp32=True)
         dt = torch.empty(hk).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp_min(1e-4)
         self.dt_bias = tp_param(dt + torch.log(-torch.expm1(-dt)), local_k, fp32=True)
+        # Kept in fp32 under bf16 training (see deltatron.train.precision.keep_fp32_parameters);
+        # being 1-D they get no weight decay under megatron-core's default rule.
         for p in (self.A_log, self.dt_bias):
-            p._no_weight_decay = True
+            p.keep_fp32 = True
         # Output norm weight [dv], shared by all heads and replicated over TP ranks.
         self.o_norm_weight = nn.Parameter(torch.ones(self.head_v_dim, dtype=torch.float32))
         if not self.o_norm_weight.is_meta:
             self.o_norm_weight.data = self.o_norm_weight.data.to(dev)
+        self.o_norm_weight.keep_fp32 = True
 
     def forward(
         self,

@@ -1,0 +1,74 @@
+"""Parallel layout: the `parallel` config group and its checks against a model and a world size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split. Data parallelism is what remains of the world size."""
+
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved 1F1B)
+    ep: int = 1  # expert parallel
+    etp: Optional[int] = None  # expert tensor parallel (None: same as tp)
+    cp: int = 1  # context parallel
+    sequence_parallel: bool = False
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}"
+            )
+        return world_size // model_parallel
+
+    def validate(self, world_size: int, model=None) -> None:
+        """Reject impossible layouts with a message naming the mismatch and the fix."""
+        errors = []
+        for name in ("tp", "pp", "ep", "cp"):
+            if getattr(self, name) < 1:
+                errors.append(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if errors:
+            raise ValueError("invalid parallel layout: " + "; ".join(errors))
+        dp = self.data_parallel_size(world_size)
+        etp = self.etp or self.tp
+        if (world_size // (self.pp * etp)) % self.ep:
+            errors.append(
+                f"expert parallel ep={self.ep} must divide world_size/(pp*etp) = "
+                f"{world_size}/({self.pp}*{etp})"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.vpp is not None and self.pp == 1:
+            errors.append("parallel.vpp needs parallel.pp > 1")
+        if model is not None:
+            if model.kda_num_heads % self.tp:
+                errors.append(f"KDA heads ({model.kda_num_heads}) are not divisible by tp={self.tp}")
+            if model.mla_num_heads % self.tp:
+                errors.append(f"MLA heads ({model.mla_num_heads}) are not divisible by tp={self.tp}")
+            if model.first_k_dense < model.num_layers and model.num_experts % self.ep:
+                errors.append(f"experts ({model.num_experts}) are not divisible by ep={self.ep}")
+            stages = self.pp * (self.vpp or 1)
+            if model.num_layers < stages:
+                errors.append(
+                    f"{model.num_layers} layers cannot fill {stages} pipeline stages (pp*vpp)"
+                )
+        if errors:
+            raise ValueError(
+                f"invalid parallel layout for world size {world_size} (dp would be {dp}): "
+                + "; ".join(errors)
+            )
+
+    def describe(self, world_size: int) -> str:
+        dp = self.data_parallel_size(world_size)
+        parts = [f"tp={self.tp}", f"pp={self.pp}"]
+        if self.vpp:
+            parts.append(f"vpp={self.vpp}")
+        parts += [f"ep={self.ep}", f"cp={self.cp}", f"dp={dp}"]
+        if self.sequence_parallel:
+            parts.append("sp")
+        return " ".join(parts) + f" (world {world_size})"

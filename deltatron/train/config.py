@@ -1,0 +1,116 @@
+"""The run configuration: typed dataclass schemas that Hydra fills from conf/ and the command line.
+
+conf/config.yaml composes one file per group (model, parallel, optim, data, train, logging) over
+`RunConfig`, registered here as the structured base. Because the base is a dataclass tree, a
+misspelt key (`train.stpes=5`) or a mistyped value (`train.steps=many`) is rejected by Hydra with
+the offending key named, and `__post_init__` checks catch values that are typed right but invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from deltatron.data.config import DataConfig
+from deltatron.model.config import ModelConfig
+from deltatron.parallel.layout import ParallelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (megatron-core's optimizer and OptimizerParamScheduler)."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+    # "cosine": warmup then cosine to min_lr; "wsd": warmup, stable, then decay over the last
+    # `wsd_decay_fraction` of the steps; "constant": warmup then constant.
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    wsd_decay_fraction: float = 0.2
+    wsd_decay_style: str = "linear"  # linear, cosine, exponential or minus_sqrt
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.name != "adamw":
+            errors.append(f"optim.name={self.name!r}: only adamw is available")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            errors.append(f"optim.schedule={self.schedule!r}: choose cosine, wsd or constant")
+        if self.wsd_decay_style not in ("linear", "cosine", "exponential", "minus_sqrt"):
+            errors.append(f"optim.wsd_decay_style={self.wsd_decay_style!r} is not supported")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            errors.append("optim.wsd_decay_fraction must be in (0, 1]")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            errors.append(f"need 0 <= optim.min_lr ({self.min_lr}) <= optim.lr ({self.lr}), lr > 0")
+        if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            errors.append("optim.warmup_steps, optim.clip_grad and optim.weight_decay must be >= 0")
+        if errors:
+            raise ValueError("invalid optim config: " + "; ".join(errors))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
+    seed: int = 1234
+    eval_interval: int = 50  # validation loss every N steps (0: never)
+    eval_batches: int = 4
+    dry_run: bool = False  # validate and print the resolved config, then exit
+    run_dir: Optional[str] = None  # default: Hydra's output directory
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.steps < 1:
+            errors.append(f"train.steps={self.steps} must be >= 1")
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            errors.append(
+                f"need 1 <= train.micro_batch_size ({self.micro_batch_size}) <= "
+                f"train.global_batch_size ({self.global_batch_size})"
+            )
+        if self.precision not in ("auto", "bf16", "fp32"):
+            errors.append(f"train.precision={self.precision!r}: choose auto, bf16 or fp32")
+        if self.eval_interval < 0 or self.eval_batches < 1:
+            errors.append("train.eval_interval must be >= 0 and train.eval_batches >= 1")
+        if errors:
+            raise ValueError("invalid train config: " + "; ".join(errors))
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10  # console/wandb line every N steps
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline (default: no login needed), online or disabled
+    wandb_project: str = "deltatron"
+    wandb_entity: Optional[str] = None
+    run_name: Optional[str] = None
+    peak_tflops: Optional[float] = None  # per-device bf16 dense peak for MFU, if not in our table
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r}: choose offline, online or disabled")
+        if self.log_interval < 1:
+            raise ValueError("logging.log_interval must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)

@@ -1,0 +1,55 @@
+"""Optimizer and learning-rate schedule from megatron-core.
+
+AdamW is megatron-core's optimizer (distributed optimizer when data-parallel and on GPU); weight
+decay follows megatron-core's rule (none on biases and 1-D parameters: norms, KDA's A_log and
+dt_bias). The schedule is megatron-core's OptimizerParamScheduler: warmup then cosine, WSD
+(warmup-stable-decay) or constant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from deltatron.train.config import OptimConfig
+
+
+def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: bool):
+    """megatron-core optimizer for the (DDP-wrapped) model chunks."""
+    config = OptimizerConfig(
+        optimizer="adam",  # megatron-core's Adam applies decoupled weight decay (AdamW)
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.beta1,
+        adam_beta2=cfg.beta2,
+        adam_eps=cfg.eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Learning-rate schedule in optimizer steps."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[cfg.schedule]
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=total_steps,
+        lr_decay_style=style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(cfg.wsd_decay_fraction * total_steps)) if style == "WSD" else None,
+        lr_wsd_decay_style=cfg.wsd_decay_style if style == "WSD" else None,
+    )

@@ -1,0 +1,339 @@
+"""The training loop: megatron-core model chunks, DDP, optimizer and forward/backward schedule.
+
+One `Trainer` per process. Every rank reads the same micro-batches from the data path for its
+data-parallel replica (TP/PP/EP ranks of one replica see the same batch); megatron-core's schedule
+decides which stage consumes what.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import time
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from deltatron.model.model import build_model, build_model_on_meta, packed_seq_params
+from deltatron.parallel.setup import init_process_groups
+from deltatron.train.config import RunConfig
+from deltatron.train.flops import peak_tflops, training_flops_per_token
+from deltatron.train.monitor import Monitor, format_duration, is_rank0
+from deltatron.train.optim import build_optimizer, build_scheduler
+
+
+def resolve_precision(requested: str) -> str:
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if requested == "bf16" and not torch.cuda.is_available():
+        raise ValueError(
+            "train.precision=bf16 needs a GPU: megatron-core's bf16 optimizer only runs on CUDA "
+            "tensors; use train.precision=fp32 (or auto) on CPU"
+        )
+    return requested
+
+
+def keep_fp32_parameters(model: torch.nn.Module) -> None:
+    """Return parameters marked `keep_fp32` (KDA's A_log, dt_bias, output-norm weight) to fp32
+    after Float16Module cast the model to bf16; megatron-core's optimizer handles mixed dtypes."""
+    for p in model.parameters():
+        if getattr(p, "keep_fp32", False) and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def stage_pattern(pattern: str, stages: int) -> str:
+    """Split a hybrid pattern (two symbols per layer) into `stages` pipeline segments with '|'.
+
+    Layers are divided as evenly as possible, earlier stages taking the extra layers.
+    """
+    layers = [pattern[i : i + 2] for i in range(0, len(pattern), 2)]
+    if stages == 1:
+        return pattern
+    base, extra = divmod(len(layers), stages)
+    out, start = [], 0
+    for s in range(stages):
+        n = base + (1 if s < extra else 0)
+        out.append("".join(layers[start : start + n]))
+        start += n
+    return "|".join(out)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resolved: dict):
+        self.cfg = cfg
+        self.resolved = resolved
+        par, train = cfg.parallel, cfg.train
+        init_process_groups(
+            tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp, cp=par.cp, seed=train.seed
+        )
+        self.world_size = dist.get_world_size()
+        par.validate(self.world_size, cfg.model)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        per_step = train.micro_batch_size * self.dp_size
+        if train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+                f"micro_batch_size*dp = {train.micro_batch_size}*{self.dp_size}"
+            )
+        self.num_microbatches = train.global_batch_size // per_step
+        self.precision = resolve_precision(train.precision)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.seq_length = cfg.data.seq_length
+        self.tokens_per_step = train.global_batch_size * self.seq_length
+        self.run_dir = self._make_run_dir()
+
+        from deltatron.data.loader import build_data
+
+        self.data = build_data(
+            cfg.data, micro_batch_size=train.micro_batch_size, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, vocab_size=cfg.model.vocab_size,
+        )
+        self.model = self._build_model_chunks()
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim, bf16=self.precision == "bf16",
+            distributed=self.dp_size > 1 and torch.cuda.is_available(),
+        )
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, train.steps)
+        tc = self.model[0].config
+        tc.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        tc.finalize_model_grads_func = finalize_model_grads
+        tc.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+        self.flops_per_token = training_flops_per_token(cfg.model, self.seq_length)
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.peak_tflops, self.peak_source = peak_tflops(device_name, cfg.logging.peak_tflops)
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _make_run_dir(self) -> str:
+        run_dir = self.cfg.train.run_dir
+        if run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = os.path.join("runs", f"{self.cfg.model.name}-{stamp}")
+        holder = [os.path.abspath(run_dir)]
+        dist.broadcast_object_list(holder, src=0)  # one directory for all ranks
+        if is_rank0():
+            os.makedirs(holder[0], exist_ok=True)
+        return holder[0]
+
+    def _build_model_chunks(self) -> list:
+        par = self.cfg.parallel
+        stages = par.pp * (par.vpp or 1)
+        pattern = stage_pattern(self.cfg.model.layer_pattern(), stages)
+        bf16 = self.precision == "bf16"
+        tc_overrides = dict(
+            tensor_model_parallel_size=par.tp,
+            pipeline_model_parallel_size=par.pp,
+            virtual_pipeline_model_parallel_size=par.vpp,
+            expert_model_parallel_size=par.ep,
+            expert_tensor_parallel_size=par.etp,
+            context_parallel_size=par.cp,
+            sequence_parallel=par.sequence_parallel,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+            variable_seq_lengths=False,
+        )
+        chunks = []
+        for vp_stage in range(par.vpp or 1):
+            vp = vp_stage if par.vpp else None
+            model = build_model(
+                self.cfg.model,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                vp_stage=vp,
+                layer_pattern=pattern,
+                **tc_overrides,
+            )
+            model.to(self.device)
+            if bf16:
+                model = Float16Module(model.config, model)
+                keep_fp32_parameters(model)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=self.dp_size > 1 and torch.cuda.is_available(),
+            )
+            ddp = DistributedDataParallel(
+                config=model.config, ddp_config=ddp_config, module=model,
+                disable_bucketing=vp_stage > 0,
+            )
+            chunks.append(ddp)
+        return chunks
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
+        psp = None
+        if self.cfg.data.document_boundaries:
+            # Documents packed into one row (megatron-core's THD layout): KDA resets its state at
+            # each boundary, MLA attends within each document.
+            tokens, labels, loss_mask = (x.reshape(1, -1) for x in (tokens, labels, loss_mask))
+            psp = packed_seq_params(batch["cu_seqlens"].to(self.device), int(batch["max_seqlen"]))
+        output = model(tokens, None, None, labels=labels, packed_seq_params=psp)
+        return output, partial(self._loss, loss_mask)
+
+    @staticmethod
+    def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        mask = loss_mask.reshape(-1).float()
+        loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+        num_tokens = mask.sum().to(torch.int)
+        report = torch.stack([loss_sum.detach(), mask.sum()])
+        return loss_sum, num_tokens, {"lm loss": report}
+
+    def _run_schedule(self, batches: list, forward_only: bool) -> list:
+        if self.cfg.data.document_boundaries:
+            seq_length, mbs = self.cfg.train.micro_batch_size * self.seq_length, 1
+        else:
+            seq_length, mbs = self.seq_length, self.cfg.train.micro_batch_size
+        iterators = [iter(batches) for _ in self.model]
+        return self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+
+    def _mean_loss(self, loss_dicts: list) -> float:
+        """Token-weighted mean loss over micro-batches, data-parallel ranks and onto rank 0."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for d in loss_dicts:
+            total += d["lm loss"].to(total)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self, batches: list) -> dict:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(batches, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        return {
+            "loss": self._mean_loss(losses),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "update_ok": bool(update_ok),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for m in self.model:
+            m.eval()
+        losses = self._run_schedule(self.data.val_batches(self.cfg.train.eval_batches), forward_only=True)
+        for m in self.model:
+            m.train()
+        return self._mean_loss(losses)
+
+    # ------------------------------------------------------------------ loop
+    def banner(self, monitor: Monitor) -> None:
+        counts = self.cfg.model.parameter_counts()
+        local = sum(p.numel() for m in self.model for p in m.parameters())
+        monitor.print(
+            "\n".join(
+                [
+                    f"deltatron | model {self.cfg.model.name}: {counts['total'] / 1e6:.2f}M parameters, "
+                    f"{counts['active'] / 1e6:.2f}M active per token "
+                    f"({counts['active_no_embedding'] / 1e6:.2f}M without embeddings); "
+                    f"{local / 1e6:.2f}M on this rank",
+                    f"layout: {self.cfg.parallel.describe(self.world_size)}, precision {self.precision}, "
+                    f"device {self.device.type}, layers {self.cfg.model.layer_pattern()}",
+                    f"batch: {self.cfg.train.global_batch_size} x {self.seq_length} = "
+                    f"{self.tokens_per_step} tokens per step, {self.num_microbatches} micro-batches of "
+                    f"{self.cfg.train.micro_batch_size}, documents "
+                    f"{'packed with boundaries' if self.cfg.data.document_boundaries else 'concatenated'}",
+                    f"data: {self.data.describe()}",
+                    f"MFU peak: {self.peak_source}",
+                    f"run directory: {self.run_dir} (resolved config: {os.path.join(self.run_dir, 'config.yaml')})",
+                ]
+            )
+        )
+
+    def _memory_gb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if is_rank0():
+            OmegaConf.save(OmegaConf.create(self.resolved), os.path.join(self.run_dir, "config.yaml"))
+        monitor = Monitor(self.run_dir, cfg.logging, self.resolved)
+        self.banner(monitor)
+        train_iter: Iterator = self.data.train_batches()
+        history = {"loss": [], "val_loss": []}
+        start = time.time()
+        window_start, window_tokens = time.time(), 0
+        for self.step in range(1, cfg.train.steps + 1):
+            batches = [next(train_iter) for _ in range(self.num_microbatches)]
+            out = self.train_step(batches)
+            history["loss"].append(out["loss"])
+            window_tokens += self.tokens_per_step
+            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                elapsed = time.time() - window_start
+                tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+                tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
+                mfu = tflops / self.peak_tflops if self.peak_tflops else None
+                eta = (time.time() - start) / self.step * (cfg.train.steps - self.step)
+                lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
+                metrics = {
+                    "train/loss": out["loss"], "train/lr": lr, "train/grad_norm": out["grad_norm"],
+                    "train/tokens": self.step * self.tokens_per_step,
+                    "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": tflops,
+                    "system/peak_memory_gb": self._memory_gb(),
+                }
+                if mfu is not None:
+                    metrics["perf/mfu"] = mfu
+                monitor.log(self.step, metrics)
+                monitor.print(
+                    f"step {self.step}/{cfg.train.steps} | loss {out['loss']:.4f} | lr {lr:.3e} | "
+                    f"grad norm {out['grad_norm']:.3f} | {tokens_per_sec:,.0f} tokens/s | "
+                    f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                    f"mem {self._memory_gb():.2f} GB | ETA {format_duration(eta)}"
+                )
+                window_start, window_tokens = time.time(), 0
+            if cfg.train.eval_interval and (
+                self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps
+            ):
+                val = self.evaluate()
+                history["val_loss"].append((self.step, val))
+                monitor.log(self.step, {"train/val_loss": val})
+                monitor.print(f"eval at step {self.step} | val loss {val:.4f}")
+        monitor.print(f"done: {cfg.train.steps} steps in {format_duration(time.time() - start)}")
+        history["seconds"] = time.time() - start
+        monitor.close()
+        return history
+
+
+def describe_dry_run(cfg: RunConfig, resolved: dict) -> str:
+    """What `train.dry_run=true` prints: the resolved config and the model's size."""
+    counts = cfg.model.parameter_counts()
+    return (
+        OmegaConf.to_yaml(OmegaConf.create(resolved))
+        + f"\nmodel {cfg.model.name}: {counts['total']:,} parameters, {counts['active']:,} active per token "
+        f"({counts['active_no_embedding']:,} without embeddings and output layer)\n"
+        f"layers: {cfg.model.layer_pattern()}\n"
+        "dry run: configuration is valid; no training was done"
+    )
