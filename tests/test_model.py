@@ -1,0 +1,160 @@
+"""The Kimi Linear model on megatron-core: fidelity to transformers' reference, shapes, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from deltatron.model.config import ModelConfig
+from deltatron.model.hf import hf_to_deltatron, load_hf_into, to_hf_config
+from deltatron.model.kda import causal_short_conv, positions_in_documents
+from deltatron.model.model import build_model, build_model_on_meta, packed_seq_params
+
+from conftest import REPO
+
+# Small, but with every part: KDA and MLA layers, dense first layer, MoE with a shared expert.
+SMALL = dict(
+    vocab_size=512, hidden_size=64, num_layers=4, kda_num_heads=2, kda_head_dim=16,
+    mla_num_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    dense_ffn_hidden_size=128, num_experts=4, moe_ffn_hidden_size=32, moe_topk=2,
+)
+
+
+def _hf_reference(cfg: ModelConfig, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hf = transformers.KimiLinearForCausalLM(
+        to_hf_config(cfg, attn_implementation="eager", experts_implementation="eager")
+    ).float().eval()
+    with torch.no_grad():  # move norms and the router bias off their trivial init
+        for name, buf in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                buf.copy_(torch.randn_like(buf) * 0.1)
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return hf
+
+
+@pytest.fixture
+def small_pair(seeded):
+    cfg = ModelConfig(**SMALL)
+    hf = _hf_reference(cfg)
+    ours = build_model(cfg).eval()
+    load_hf_into(ours, hf.state_dict(), cfg)
+    return cfg, hf, ours
+
+
+def test_logits_match_transformers_reference(small_pair):
+    cfg, hf, ours = small_pair
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens, None, None)
+    assert got.shape == ref.shape == (2, 48, cfg.vocab_size)
+    err = (got - ref).abs().max().item()
+    assert err < 2e-5 * ref.abs().max().item() + 1e-6, f"max |logit diff| {err}"
+
+
+def test_packed_documents_match_reference_run_per_document(small_pair):
+    """Several documents in one packed row behave exactly like separate sequences."""
+    cfg, hf, ours = small_pair
+    lengths = [17, 5, 26]
+    docs = [torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    cu = torch.tensor([0, 17, 22, 48], dtype=torch.int32)
+    with torch.no_grad():
+        packed = ours(torch.cat(docs, 1), None, None, packed_seq_params=packed_seq_params(cu, 26))
+        ref = torch.cat([hf(d).logits for d in docs], 1)
+        unpacked = ours(torch.cat(docs, 1), None, None)
+    err = (packed - ref).abs().max().item()
+    assert err < 2e-5 * ref.abs().max().item() + 1e-6, f"max |logit diff| {err}"
+    # without boundaries the later documents see the earlier ones: the test can tell the difference
+    assert (unpacked[:, 17:] - ref[:, 17:]).abs().max().item() > 1e-3
+
+
+def test_gradients_flow_to_every_parameter(seeded):
+    cfg = ModelConfig(**SMALL)
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    loss = model(tokens, None, None, labels=tokens)
+    assert loss.shape == (2, 32)
+    loss.mean().backward()
+    # with top-2 of 4 experts and 64 tokens, every expert is chosen at least once in practice
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def test_parameter_count_matches_architecture_arithmetic(seeded):
+    cfg = ModelConfig(**yaml.safe_load(open(f"{REPO}/conf/model/tiny.yaml")))
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.parameter_counts()["total"]
+
+
+def test_kimi_linear_48b_a3b_parameter_counts_on_meta_device(process_groups):
+    cfg = ModelConfig(**yaml.safe_load(open(f"{REPO}/conf/model/kimi_linear_48b_a3b.yaml")))
+    assert cfg.layer_pattern()[::2].replace("G", "k").replace("+", "M") == (
+        "kkkMkkkMkkkMkkkMkkkMkkkMkkM"
+    )
+    model = build_model_on_meta(cfg)
+    built = sum(p.numel() for p in model.parameters())
+    counts = cfg.parameter_counts()
+    print(
+        f"\nKimi-Linear-48B-A3B: total {counts['total'] / 1e9:.2f}B, "
+        f"active {counts['active'] / 1e9:.2f}B with embeddings and output layer, "
+        f"{counts['active_no_embedding'] / 1e9:.2f}B without; built on meta: {built / 1e9:.2f}B"
+    )
+    assert built == counts["total"]
+    assert abs(counts["total"] / 1e9 - 49.1) < 0.1
+    assert abs(counts["active_no_embedding"] / 1e9 - 2.73) < 0.02
+    assert abs(counts["active"] / 1e9 - 3.48) < 0.02
+
+
+def test_short_conv_resets_at_document_boundaries():
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, 6)
+    w = torch.randn(6, 4)
+    cu = torch.tensor([0, 7, 8, 20])
+    packed = causal_short_conv(x, w, positions_in_documents(cu, 20))
+    separate = torch.cat([causal_short_conv(x[:, a:b], w) for a, b in [(0, 7), (7, 8), (8, 20)]], 1)
+    torch.testing.assert_close(packed, separate)
+    # and the plain form is torch's causal depthwise conv1d
+    ref = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None], padding=3, groups=6)[..., :20]
+    torch.testing.assert_close(causal_short_conv(x, w), ref.transpose(1, 2))
+
+
+def test_hf_mapping_reports_missing_and_extra_tensors(small_pair):
+    cfg, hf, _ = small_pair
+    sd = hf.state_dict()
+    broken = {k: v for k, v in sd.items() if "layers.1.self_attn.q_proj" not in k}
+    with pytest.raises(KeyError, match="layers.1.self_attn.q_proj"):
+        hf_to_deltatron(broken, cfg)
+    with pytest.raises(KeyError, match="does not use"):
+        hf_to_deltatron({**sd, "model.layers.0.extra.weight": torch.zeros(1)}, cfg)
+
+
+def test_invalid_model_config_names_the_problem():
+    with pytest.raises(ValueError, match="mla_layers"):
+        ModelConfig(num_layers=4, mla_layers=[5])
+    with pytest.raises(ValueError, match="moe_topk"):
+        ModelConfig(num_experts=4, moe_topk=8)
+
+
+def test_a_log_and_dt_bias_stay_out_of_weight_decay(seeded):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from deltatron.train.config import OptimConfig
+    from deltatron.train.optim import build_optimizer
+
+    cfg = ModelConfig(**SMALL)
+    model = build_model(cfg)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    opt = build_optimizer([ddp], OptimConfig(weight_decay=0.1), bf16=False, distributed=False)
+    decay_of = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            decay_of[id(p)] = group["weight_decay"]
+    kda = model.decoder.layers[0].self_attention
+    assert decay_of[id(kda.A_log)] == 0.0 and decay_of[id(kda.dt_bias)] == 0.0
+    assert decay_of[id(kda.linear_q.weight)] == pytest.approx(0.1)
+    assert kda.A_log.dtype == torch.float32 and kda.dt_bias.dtype == torch.float32
