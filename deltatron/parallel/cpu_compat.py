@@ -12,13 +12,16 @@ absent, so the GPU path is always megatron-core's own code:
    `autocast("cuda")` is a CPU autocast.
 4. MoE's `maybe_move_tensor_to_cpu` only converts CUDA tensors, so on CPU the all-to-all split
    sizes stay tensors and gloo's `all_to_all_single` rejects them; on CPU it converts always.
-5. The tensor-parallel RNG tracker is created explicitly (its CUDA seeding cannot run), as an
+5. Gradient clipping (`clip_grad_by_total_norm_fp32`) asserts `torch.cuda.FloatTensor` grads; on
+   CPU the same scaling (grads *= max_norm / (total_norm + 1e-6) when that is below 1) runs
+   without the assert. The norm itself is megatron-core's `get_grad_norm_fp32`, unchanged.
+6. The tensor-parallel RNG tracker is created explicitly (its CUDA seeding cannot run), as an
    "inference" tracker whose fork() is a no-op: dropout is 0 in our models, and weights are
    initialised on CPU from the global seed (`use_cpu_initialization`), identical across layouts.
 
-Not patchable and therefore avoided on CPU: megatron-core's fp16/bf16 optimizer wrappers,
-DistributedOptimizer and its gradient clipping insist on `torch.cuda.*Tensor` parameters; CPU runs
-use fp32 and `deltatron.train.optim.clip_grad_norm_` (the GPU path keeps megatron-core's).
+Not patchable and therefore avoided on CPU: megatron-core's fp16/bf16 optimizer wrappers and
+DistributedOptimizer insist on `torch.cuda.*Tensor` parameters; CPU runs use fp32 and the
+non-distributed optimizer.
 """
 
 from __future__ import annotations
@@ -152,8 +155,29 @@ def enable() -> bool:
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
+    # 5
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+
     _ENABLED = True
     return True
+
+
+@torch.no_grad()
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip_grad_by_total_norm_fp32 without its CUDA-only assert and kernels."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for g in grads:
+        g.mul_(clip_coeff)
 
 
 def initialize_rng(seed: int) -> None:

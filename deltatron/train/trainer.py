@@ -7,13 +7,11 @@ decides which stage consumes what.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import resource
 import time
 from functools import partial
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,7 +23,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from deltatron.model.model import build_model, build_model_on_meta, packed_seq_params
+from deltatron.model.model import build_model, packed_seq_params
 from deltatron.parallel.setup import init_process_groups
 from deltatron.train.config import RunConfig
 from deltatron.train.flops import peak_tflops, training_flops_per_token
@@ -226,6 +224,7 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         losses = self._run_schedule(batches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
@@ -234,6 +233,7 @@ class Trainer:
             "loss": self._mean_loss(losses),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": bool(update_ok),
+            "lr": lr,
         }
 
     @torch.no_grad()
@@ -297,7 +297,7 @@ class Trainer:
                 tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
                 mfu = tflops / self.peak_tflops if self.peak_tflops else None
                 eta = (time.time() - start) / self.step * (cfg.train.steps - self.step)
-                lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
+                lr = out["lr"]
                 metrics = {
                     "train/loss": out["loss"], "train/lr": lr, "train/grad_norm": out["grad_norm"],
                     "train/tokens": self.step * self.tokens_per_step,
