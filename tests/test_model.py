@@ -153,7 +153,8 @@ def test_a_log_and_dt_bias_stay_out_of_weight_decay(seeded):
     decay_of = {}
     for group in opt.param_groups:
         for p in group["params"]:
-            decay_of[id(p)] = group["weight_decay"]
+            # megatron-core scales each group's decay by wd_mult (0 for biases and 1-D params)
+            decay_of[id(p)] = group["weight_decay"] * group["wd_mult"]
     kda = model.decoder.layers[0].self_attention
     assert decay_of[id(kda.A_log)] == 0.0 and decay_of[id(kda.dt_bias)] == 0.0
     assert decay_of[id(kda.linear_q.weight)] == pytest.approx(0.1)
