@@ -44,7 +44,10 @@ def _loss_and_grad_norm(tp: int, ep: int, dispatcher: str):
 
     init_process_groups(tp=tp, ep=ep, seed=7)
     cfg = ModelConfig(**SMALL, moe_token_dispatcher=dispatcher)
-    model = build_model(cfg, tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    # megatron-core's MoE refuses TP without sequence parallelism in training
+    model = build_model(
+        cfg, tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1
+    )
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     loss = model(tokens, None, None, labels=tokens).mean()
     loss.backward()
