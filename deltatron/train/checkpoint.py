@@ -1,0 +1,66 @@
+"""Model weights through megatron-core's dist_checkpointing.
+
+A checkpoint saved under one parallel layout loads under any other: every rank saves and loads
+only its shards, described by the model's `sharded_state_dict`, and dist_checkpointing maps them
+onto the global tensors (TP slices, pipeline layer offsets, expert indices, fused GLU halves).
+A directory becomes visible only when complete: it is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HybridModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _sharded_state_dict(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return unwrap(chunks[0]).sharded_state_dict()
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_model(chunks: list, checkpoint_dir: str) -> None:
+    """Save the weights of all model chunks (collective: every rank calls it)."""
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    tmp = checkpoint_dir + ".tmp"
+    if dist.get_rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(chunks), tmp, async_sharded_save=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(checkpoint_dir):
+            shutil.rmtree(checkpoint_dir)
+        os.rename(tmp, checkpoint_dir)
+    dist.barrier()
+
+
+def load_model(chunks: list, checkpoint_dir: str) -> None:
+    """Load weights saved by `save_model` under any parallel layout into these chunks."""
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(
+            f"checkpoint directory {checkpoint_dir!r} does not exist (was it saved completely?)"
+        )
+    if not os.path.exists(os.path.join(checkpoint_dir, "metadata.json")):
+        raise ValueError(
+            f"{checkpoint_dir!r} is not a complete dist_checkpointing checkpoint (no metadata.json)"
+        )
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), checkpoint_dir)
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(state, strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
