@@ -190,7 +190,11 @@ class KimiDeltaAttention(MegatronModule):
         """hidden_states: [S, B, D] -> (output [S, B, D], None)."""
         x = hidden_states
         if self.config.sequence_parallel and self.tp_group.size() > 1:
-            x = gather_from_sequence_parallel_region(x, group=self.tp_group)
+            # The input-side linears (built without SP) all-reduce their input gradient over TP,
+            # so the gather's backward only keeps this rank's slice instead of reduce-scattering.
+            x = gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False, group=self.tp_group
+            )
         seq_len, batch = x.shape[:2]
 
         cu_seqlens = doc_pos = None

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 # Query rows per block when computing max logits without materialising the full [T, T] scores.
@@ -29,7 +31,21 @@ _MAX_LOGIT_BLOCK = 1024
 
 
 class KimiMLASelfAttention(MLASelfAttention):
-    """megatron-core MLA with Kimi's norm placement (no q norm, RMSNorm on the KV latent)."""
+    """megatron-core MLA with Kimi's norm placement (no q norm, RMSNorm on the KV latent).
+
+    Under tensor parallelism the local (non-TE) path also replaces megatron-core's column-parallel
+    KV down-projection by a replicated one: with the column-parallel form, the gradient of the
+    shared 64-dim key part, which every rank uses for its own heads, is dropped on all ranks but
+    the one owning those output channels (found by the TP parity test). The replicated form gets
+    its gradient right in `_ReplicatedDownProjection`.
+    """
+
+    def __init__(self, config, submodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        if self.tp_group.size() > 1 and isinstance(self.linear_kv_down_proj, ColumnParallelLinear):
+            self.linear_kv_down_proj = _ReplicatedDownProjection(
+                self.linear_kv_down_proj, config, config.kv_lora_rank, self.tp_group
+            )
 
     def _resolve_qk_norm_config(self, submodules):
         if self.config.q_lora_rank is not None:
@@ -40,6 +56,62 @@ class KimiMLASelfAttention(MLASelfAttention):
             linear_kv_up_proj=submodules.linear_kv_up_proj,
             q_layernorm=IdentityOp,
             kv_layernorm=submodules.kv_layernorm,
+        )
+
+
+class _SumKeyPartGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient of the shared key channels over TP ranks."""
+
+    @staticmethod
+    def forward(ctx, x, split, group):
+        ctx.split, ctx.group = split, group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        part = grad[..., ctx.split :].contiguous()
+        torch.distributed.all_reduce(part, group=ctx.group)
+        grad[..., ctx.split :] = part
+        return grad, None, None
+
+
+class _ReplicatedDownProjection(torch.nn.Module):
+    """MLA's KV down-projection d -> kv_lora + rope, the full weight on every TP rank.
+
+    Gradients: the latent part reaches every rank complete (the up-projection reduces it); the
+    shared key part is used by each rank's heads only, so without sequence parallelism its
+    gradient is summed over TP ranks here. With sequence parallelism megatron-core gathers that part
+    along the sequence (its backward sums over ranks) and each rank sees only its tokens, so the
+    weight is marked `sequence_parallel` for megatron-core's TP all-reduce of such gradients.
+    """
+
+    def __init__(self, column: ColumnParallelLinear, config, latent_dim: int, tp_group):
+        super().__init__()
+        shards = [torch.empty_like(column.weight) for _ in range(tp_group.size())]
+        torch.distributed.all_gather(shards, column.weight.detach().contiguous(), group=tp_group)
+        self.weight = torch.nn.Parameter(torch.cat(shards, 0))
+        self.weight.sequence_parallel = config.sequence_parallel
+        self.latent_dim = latent_dim
+        self.sequence_parallel = config.sequence_parallel
+        self.tp_group = tp_group
+
+    def forward(self, x):
+        out = F.linear(x, self.weight)
+        if not self.sequence_parallel:
+            out = _SumKeyPartGrad.apply(out, self.latent_dim, self.tp_group)
+        return out, None
+
+    # Checkpoints look like megatron-core's linear: the full weight plus an (empty) extra state.
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state):
+        pass
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets
         )
 
 

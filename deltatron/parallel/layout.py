@@ -17,6 +17,9 @@ class ParallelConfig:
     etp: Optional[int] = None  # expert tensor parallel (None: same as tp)
     cp: int = 1  # context parallel
     sequence_parallel: bool = False
+    # Kimi layers per pipeline stage (pp*vpp entries, pipeline order); layers differ in cost, so
+    # an explicit split can balance stages. None: as even as possible.
+    pipeline_layers: Optional[list[int]] = None
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp
@@ -56,6 +59,15 @@ class ParallelConfig:
             if model.num_layers < stages:
                 errors.append(
                     f"{model.num_layers} layers cannot fill {stages} pipeline stages (pp*vpp)"
+                )
+            if self.pipeline_layers is not None and (
+                len(self.pipeline_layers) != stages
+                or sum(self.pipeline_layers) != model.num_layers
+                or min(self.pipeline_layers) < 1
+            ):
+                errors.append(
+                    f"parallel.pipeline_layers={list(self.pipeline_layers)} must list {stages} "
+                    f"stages (pp*vpp) of >= 1 layer summing to {model.num_layers}"
                 )
         if errors:
             raise ValueError(

@@ -50,25 +50,31 @@ def keep_fp32_parameters(model: torch.nn.Module) -> None:
             p.data = p.data.float()
 
 
-def stage_pattern(pattern: str, stages: int) -> str:
+def stage_pattern(pattern: str, stages: int, layers_per_stage: list[int] | None = None) -> str:
     """Split a hybrid pattern (two symbols per layer) into `stages` pipeline segments with '|'.
 
-    Layers are divided as evenly as possible, earlier stages taking the extra layers.
+    layers_per_stage: Kimi layers of each stage, in pipeline order (virtual stages: chunk 0 of
+    every rank, then chunk 1, ...); by default as even as possible, earlier stages taking extras.
     """
     layers = [pattern[i : i + 2] for i in range(0, len(pattern), 2)]
-    if stages == 1:
-        return pattern
-    base, extra = divmod(len(layers), stages)
+    if layers_per_stage is None:
+        base, extra = divmod(len(layers), stages)
+        layers_per_stage = [base + (1 if s < extra else 0) for s in range(stages)]
+    if len(layers_per_stage) != stages or sum(layers_per_stage) != len(layers) or min(layers_per_stage) < 1:
+        raise ValueError(
+            f"parallel.pipeline_layers={list(layers_per_stage)} must list {stages} stages (pp*vpp) "
+            f"of at least one layer each, summing to the model's {len(layers)} layers"
+        )
     out, start = [], 0
-    for s in range(stages):
-        n = base + (1 if s < extra else 0)
+    for n in layers_per_stage:
         out.append("".join(layers[start : start + n]))
         start += n
     return "|".join(out)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resolved: dict):
+    def __init__(self, cfg: RunConfig, resolved: dict, data=None):
+        """data: the batch source (deltatron.data.loader's interface); built from cfg.data if None."""
         self.cfg = cfg
         self.resolved = resolved
         par, train = cfg.parallel, cfg.train
@@ -92,12 +98,14 @@ class Trainer:
         self.tokens_per_step = train.global_batch_size * self.seq_length
         self.run_dir = self._make_run_dir()
 
-        from deltatron.data.loader import build_data
+        if data is None:
+            from deltatron.data.loader import build_data
 
-        self.data = build_data(
-            cfg.data, micro_batch_size=train.micro_batch_size, dp_rank=self.dp_rank,
-            dp_size=self.dp_size, vocab_size=cfg.model.vocab_size,
-        )
+            data = build_data(
+                cfg.data, micro_batch_size=train.micro_batch_size, dp_rank=self.dp_rank,
+                dp_size=self.dp_size, vocab_size=cfg.model.vocab_size,
+            )
+        self.data = data
         self.model = self._build_model_chunks()
         self.optimizer = build_optimizer(
             self.model, cfg.optim, bf16=self.precision == "bf16",
@@ -129,7 +137,7 @@ class Trainer:
     def _build_model_chunks(self) -> list:
         par = self.cfg.parallel
         stages = par.pp * (par.vpp or 1)
-        pattern = stage_pattern(self.cfg.model.layer_pattern(), stages)
+        pattern = stage_pattern(self.cfg.model.layer_pattern(), stages, par.pipeline_layers)
         bf16 = self.precision == "bf16"
         tc_overrides = dict(
             tensor_model_parallel_size=par.tp,
@@ -143,6 +151,11 @@ class Trainer:
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
             variable_seq_lengths=False,
+            # Batched p2p (batch_isend_irecv) posts send_prev before send_next; with two pipeline
+            # ranks both go to the same peer, whose receives are posted the other way round, so
+            # under interleaving an activation and a gradient of equal shape can swap. The
+            # unbatched path orders the two directions consistently (found by the VPP parity test).
+            batch_p2p_comm=False,
         )
         chunks = []
         for vp_stage in range(par.vpp or 1):
