@@ -30,7 +30,9 @@ TWO_PROCESS = {
 }
 FOUR_PROCESS = {
     "tp2_pp2": dict(tp=2, pp=2, sequence_parallel=True),
-    "tp2_ep2": dict(tp=2, ep=2, sequence_parallel=True),
+    # expert tensor parallelism 1 (the usual MoE layout): gloo cannot all-gather the uneven
+    # per-rank token counts that expert-TP 2 exchanges
+    "tp2_ep2": dict(tp=2, ep=2, etp=1, sequence_parallel=True),
     "pp2_dp2": dict(pp=2),
     "ep2_dp2": dict(ep=2),
 }
