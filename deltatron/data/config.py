@@ -17,6 +17,8 @@ class DataConfig:
     document_boundaries: bool = True
     val_fraction: float = 0.02  # held out by document
     seed: int = 1234
+    # random tokens instead of the corpus (throughput runs, smoke tests); nothing is read
+    mock: bool = False
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
