@@ -22,9 +22,9 @@ def _lrs(cfg: OptimConfig, steps: int) -> list[float]:
     opt = _Opt()
     sched = build_scheduler(opt, cfg, steps)
     out = []
-    for _ in range(steps):
-        sched.step(1)
+    for _ in range(steps):  # the rate each step's update uses, then the trainer steps the schedule
         out.append(opt.param_groups[0]["lr"])
+        sched.step(1)
     return out
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass
 class DataConfig:
     # jsonl corpus (one {"text": ...} object per line); the bundled one ships with the repo
-    corpus: str = "data/corpus/corpus.jsonl.gz"
+    corpus: str = "data/corpus/shakespeare.jsonl.gz"
     tokenizer: str = "data/tokenizer/tokenizer.json"
     # where the tokenized corpus (megatron-core IndexedDataset .bin/.idx) is cached
     cache_dir: str = "data_cache"

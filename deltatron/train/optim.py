@@ -38,7 +38,7 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> OptimizerP
     """Learning-rate schedule in optimizer steps."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[cfg.schedule]
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else cfg.lr,
         max_lr=cfg.lr,
@@ -53,3 +53,7 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> OptimizerP
         wsd_decay_steps=max(1, round(cfg.wsd_decay_fraction * total_steps)) if style == "WSD" else None,
         lr_wsd_decay_style=cfg.wsd_decay_style if style == "WSD" else None,
     )
+    # Step k (1-based) uses the rate the schedule gives at k: the first warmup rate rather than
+    # 0 for the first update, and min_lr for the last.
+    scheduler.step(increment=1)
+    return scheduler
