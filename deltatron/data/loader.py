@@ -16,13 +16,30 @@ import torch
 from deltatron.data.config import DataConfig
 
 
+def _prepare_once(cfg: DataConfig) -> str:
+    """Tokenize the corpus into the cache (or find it there): rank 0 first, then the others, who
+    find its files (or, with a cache directory local to each node, write their node's copy)."""
+    from deltatron.data.packed import prepare_corpus
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return prepare_corpus(cfg.corpus, cfg.tokenizer, cfg.cache_dir)
+    if dist.get_rank() == 0:
+        try:
+            return prepare_corpus(cfg.corpus, cfg.tokenizer, cfg.cache_dir)
+        finally:
+            dist.barrier()  # also on an error: the other ranks then meet it themselves, not a hang
+    dist.barrier()
+    return prepare_corpus(cfg.corpus, cfg.tokenizer, cfg.cache_dir)
+
+
 class CorpusData:
     """Packed sequences of the tokenized corpus; sample i of an epoch goes to rank i % dp_size."""
 
     def __init__(self, cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, vocab_size: int):
-        from deltatron.data.packed import PackedSequenceDataset, prepare_corpus
+        from deltatron.data.packed import PackedSequenceDataset
 
-        prefix = prepare_corpus(cfg.corpus, cfg.tokenizer, cfg.cache_dir)
+        prefix = _prepare_once(cfg)
         self.train = PackedSequenceDataset(
             prefix, cfg.seq_length, split="train", val_fraction=cfg.val_fraction, seed=cfg.seed
         )

@@ -1,47 +1,78 @@
 """Byte-level BPE tokenizers (Hugging Face `tokenizers`): training, loading, identity.
 
+Byte-level means any string round-trips: decode(encode(text).ids) == text. (A text that spells a
+special token, "<|endoftext|>", encodes to that token, which decode drops unless given
+skip_special_tokens=False; `packed.tokenize_corpus` encodes such text as plain bytes instead.)
+Two special tokens come first in the vocabulary: `<|endoftext|>` (id 0), appended to every
+document as its end (EOS) and so the document separator in a packed stream, and `<|pad|>` (id 1).
+
 The bundled tokenizer (data/tokenizer/tokenizer.json, 4096 tokens) was trained on the bundled
-corpus with `python -m deltatron.data.prepare --train-tokenizer`; training is deterministic.
+corpus; training is deterministic, and this reproduces the file byte for byte:
+
+    python -m deltatron.data.tokenizer --corpus data/corpus/shakespeare.jsonl.gz \
+        --vocab-size 4096 --out data/tokenizer/tokenizer.json
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import sys
+import time
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOS, PAD)
+DEFAULT_VOCAB_SIZE = 4096
+# the 256 byte symbols plus the special tokens
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer:
-    """Train a byte-level BPE tokenizer with EOS and PAD special tokens and save it as JSON."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    out_path: str | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with EOS and PAD special tokens; save it to out_path.
+
+    Deterministic: the same texts (in the same order) and vocab_size give the same file. On a
+    small corpus BPE may run out of merges before vocab_size; `vocab_size(tok)` gives the size.
+    The file is written under a temporary name and renamed.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} must be at least {MIN_VOCAB_SIZE} (256 bytes + specials)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, out_path)
+    if out_path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        tmp = f"{out_path}.partial-{os.getpid()}"
+        try:
+            tok.save(tmp)
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return tok
 
 
 def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"tokenizer file {path!r} not found (train one with "
-            "`python -m deltatron.data.prepare --train-tokenizer`)"
+            f"tokenizer file {path!r} not found (train one with `python -m deltatron.data.tokenizer`)"
         )
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as exc:  # the Rust side raises a bare Exception for a bad file
+        raise ValueError(f"{path}: not a tokenizers JSON file ({exc})") from None
 
 
 def eos_id(tok: Tokenizer) -> int:
@@ -51,6 +82,45 @@ def eos_id(tok: Tokenizer) -> int:
     return i
 
 
+def pad_id(tok: Tokenizer) -> int:
+    i = tok.token_to_id(PAD)
+    if i is None:
+        raise ValueError(f"tokenizer has no {PAD} token")
+    return i
+
+
+def vocab_size(tok: Tokenizer) -> int:
+    """Number of token ids (special tokens included): ids are 0 .. vocab_size - 1."""
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
 def tokenizer_hash(path: str) -> str:
     """Content hash of a tokenizer file: caches and shards record which tokenizer made them."""
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    from deltatron.data.corpus import read_jsonl_texts
+
+    p = argparse.ArgumentParser(
+        prog="python -m deltatron.data.tokenizer",
+        description="Train a byte-level BPE tokenizer on a jsonl corpus (deterministic).",
+    )
+    p.add_argument("--corpus", default="data/corpus/shakespeare.jsonl.gz", help="jsonl or jsonl.gz with a 'text' field")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    p.add_argument("--out", default="data/tokenizer/tokenizer.json", help="tokenizer.json to write")
+    args = p.parse_args(argv)
+    start = time.time()
+    try:
+        tok = train_tokenizer(read_jsonl_texts(args.corpus), args.vocab_size, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"deltatron.data.tokenizer: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.corpus}: trained a {vocab_size(tok)}-token byte-level BPE tokenizer -> {args.out} "
+          f"({time.time() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
