@@ -8,9 +8,9 @@ TRAIN_ARGS ?=
 setup:
 	@bash scripts/setup.sh
 
-# Tokenize the bundled corpus (cached in data_cache/) and train the tiny model on CPU.
+# Preprocess the bundled corpus into token shards (cached in data_cache/) and train the tiny model on CPU.
 train: setup
-	$(PY) -m deltatron.data.prepare
+	$(PY) -m deltatron.data.preprocess
 	$(PY) -m deltatron.train $(TRAIN_ARGS)
 
 test: setup

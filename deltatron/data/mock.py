@@ -1,7 +1,8 @@
 """Random token batches for throughput runs and smoke tests (Megatron-LM's --mock-data).
 
 Deterministic for a seed; documents of random length (mean `mean_document_length`) give the
-model realistic packing boundaries. Nothing is read from disk.
+model realistic packing boundaries. Nothing is read from disk. The state (for resuming) is the
+training generator's; unlike the corpus loader's it is per DP rank.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class MockData:
         self.vocab_size = vocab_size
         self.mean_document_length = mean_document_length
         self.seed = cfg.seed * 1000003 + dp_rank
+        self._train_rng = torch.Generator().manual_seed(self.seed)
 
     def _batch(self, g: torch.Generator) -> dict:
         b, t = self.micro_batch_size, self.cfg.seq_length
@@ -40,9 +42,15 @@ class MockData:
         }
 
     def train_batches(self) -> Iterator[dict]:
-        g = torch.Generator().manual_seed(self.seed)
         while True:
-            yield self._batch(g)
+            yield self._batch(self._train_rng)
+
+    def state_dict(self) -> dict:
+        """The training stream's position: its random generator's state (per DP rank)."""
+        return {"generator": self._train_rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_rng.set_state(state["generator"])
 
     def val_batches(self, n: int) -> list[dict]:
         g = torch.Generator().manual_seed(self.seed + 7)

@@ -2,7 +2,7 @@
 
 Byte-level means any string round-trips: decode(encode(text).ids) == text. (A text that spells a
 special token, "<|endoftext|>", encodes to that token, which decode drops unless given
-skip_special_tokens=False; `packed.tokenize_corpus` encodes such text as plain bytes instead.)
+skip_special_tokens=False; preprocessing (`encode.Encoder`) encodes such text as plain bytes instead.)
 Two special tokens come first in the vocabulary: `<|endoftext|>` (id 0), appended to every
 document as its end (EOS) and so the document separator in a packed stream, and `<|pad|>` (id 1).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -64,21 +65,50 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
     return tok
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def tokenizer_file(path: str) -> str:
+    """The tokenizer.json behind `path`: the file itself, or `tokenizer.json` inside a Hugging Face
+    tokenizer directory (as saved by `save_pretrained`)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(inner):
+            raise FileNotFoundError(f"tokenizer directory {path!r} has no tokenizer.json")
+        return inner
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"tokenizer file {path!r} not found (train one with `python -m deltatron.data.tokenizer`)"
         )
+    return path
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer from a tokenizer.json file or a directory holding one."""
+    path = tokenizer_file(path)
     try:
         return Tokenizer.from_file(path)
     except Exception as exc:  # the Rust side raises a bare Exception for a bad file
         raise ValueError(f"{path}: not a tokenizers JSON file ({exc})") from None
 
 
-def eos_id(tok: Tokenizer) -> int:
-    i = tok.token_to_id(EOS)
+def eos_token(path: str, override: str | None = None) -> str:
+    """The token that ends documents: `override`, else the eos_token of a Hugging Face
+    directory's tokenizer_config.json, else <|endoftext|> (the bundled tokenizer's)."""
+    if override:
+        return override
+    config = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else None
+    if config and os.path.isfile(config):
+        with open(config) as f:
+            value = json.load(f).get("eos_token")
+        if isinstance(value, dict):  # older transformers save AddedToken objects
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value
+    return EOS
+
+
+def eos_id(tok: Tokenizer, token: str = EOS) -> int:
+    i = tok.token_to_id(token)
     if i is None:
-        raise ValueError(f"tokenizer has no {EOS} token to end documents with")
+        raise ValueError(f"tokenizer has no {token} token to end documents with (choose one with --eos-token)")
     return i
 
 
@@ -94,10 +124,16 @@ def vocab_size(tok: Tokenizer) -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
+def tokenizer_sha256(path: str) -> str:
+    """Content hash of a tokenizer (its tokenizer.json): shard manifests record which tokenizer
+    made them, and the loader refuses shards made by another."""
+    with open(tokenizer_file(path), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def tokenizer_hash(path: str) -> str:
-    """Content hash of a tokenizer file: caches and shards record which tokenizer made them."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    """Short form of tokenizer_sha256, for cache names."""
+    return tokenizer_sha256(path)[:16]
 
 
 def main(argv=None) -> int:
