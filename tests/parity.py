@@ -24,12 +24,15 @@ MODEL = dict(
 SEQ, GLOBAL_BATCH, MICRO_BATCH, STEPS = 32, 8, 2, 3
 
 
-def run_config(layout: dict, run_dir: str, model_overrides: dict | None = None) -> RunConfig:
+def run_config(layout: dict, run_dir: str, model_overrides: dict | None = None,
+               optim_overrides: dict | None = None) -> RunConfig:
+    """optim_overrides: OptimConfig fields over the parity defaults (e.g. name="muonclip")."""
     return RunConfig(
         model=ModelConfig(**{**MODEL, **(model_overrides or {})}),
         parallel=ParallelConfig(**layout),
         # eps well above the gradients' rounding noise, so Adam does not amplify it
-        optim=OptimConfig(lr=1e-3, min_lr=1e-3, warmup_steps=0, schedule="constant", eps=1e-6),
+        optim=OptimConfig(**{**dict(lr=1e-3, min_lr=1e-3, warmup_steps=0, schedule="constant", eps=1e-6),
+                             **(optim_overrides or {})}),
         data=DataConfig(seq_length=SEQ, document_boundaries=True),
         train=TrainConfig(
             steps=STEPS, micro_batch_size=MICRO_BATCH, global_batch_size=GLOBAL_BATCH,
@@ -84,14 +87,14 @@ class FixedBatches:
 
 
 def train_layout(layout: dict, init_ckpt: str, final_ckpt: str | None, run_dir: str,
-                 model_overrides: dict | None = None) -> list[float]:
+                 model_overrides: dict | None = None, optim_overrides: dict | None = None) -> list[float]:
     """Losses of STEPS optimizer steps under `layout`, starting from `init_ckpt`."""
     from megatron.core import parallel_state
 
     from deltatron.train.checkpoint import load_model, save_model
     from deltatron.train.trainer import Trainer
 
-    cfg = run_config(layout, run_dir, model_overrides)
+    cfg = run_config(layout, run_dir, model_overrides, optim_overrides)
     resolved = dataclasses.asdict(cfg)
 
     class _Deferred:  # the trainer asks for data before the process groups tell us our dp rank
@@ -113,11 +116,12 @@ def train_layout(layout: dict, init_ckpt: str, final_ckpt: str | None, run_dir: 
 
 
 def layouts_job(rank: int, world_size: int, layouts: dict, init_ckpt: str, out_dir: str,
-                model_overrides: dict | None = None) -> dict:
+                model_overrides: dict | None = None, optim_overrides: dict | None = None) -> dict:
     """Train every named layout in turn on this set of processes (one launch for all of them)."""
     results = {}
     for name, layout in layouts.items():
         results[name] = train_layout(
-            layout, init_ckpt, f"{out_dir}/{name}", f"{out_dir}/run-{name}", model_overrides
+            layout, init_ckpt, f"{out_dir}/{name}", f"{out_dir}/run-{name}", model_overrides,
+            optim_overrides,
         )
     return results

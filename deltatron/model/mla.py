@@ -193,7 +193,8 @@ class SDPACoreAttention(MegatronModule):
 
     def _attend(self, q, k, v):
         """q, k: [B, N, T, Dqk]; v: [B, N, T, Dv] -> [B, N, T, Dv]."""
-        if self.track_max_logits:
+        # Only training forwards count: QK-clip acts on the step's logits, not on evaluation's.
+        if self.track_max_logits and self.training:
             with torch.no_grad():
                 step_max = causal_max_logits(q, k, self.softmax_scale)
             self.current_max_attn_logits = (

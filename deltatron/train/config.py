@@ -20,7 +20,11 @@ from deltatron.parallel.layout import ParallelConfig
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule (megatron-core's optimizer and OptimizerParamScheduler)."""
+    """Optimizer and learning-rate schedule (megatron-core's optimizer and OptimizerParamScheduler).
+
+    name: "adamw" (megatron-core's AdamW) or "muonclip" (deltatron.train.muonclip: Muon for the
+    hidden weight matrices, AdamW with beta1/beta2/eps for the rest, QK-clip on MLA layers).
+    """
 
     name: str = "adamw"
     lr: float = 3e-3
@@ -36,11 +40,28 @@ class OptimConfig:
     warmup_steps: int = 20
     wsd_decay_fraction: float = 0.2
     wsd_decay_style: str = "linear"  # linear, cosine, exponential or minus_sqrt
+    # MuonClip only (optim=muonclip)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    # Newton-Schulz precision: bfloat16 (Moonlight/K2) or float32 (exact comparisons in tests;
+    # bf16 rounding makes runs under different layouts agree only to about 1% of an update)
+    muon_ns_dtype: str = "bfloat16"
+    muon_rms_scale: float = 0.2  # update RMS target: 0.2 * sqrt(max(A, B)) scaling (Moonlight)
+    qk_clip_tau: Optional[float] = 100.0  # max attention logit per MLA head; null: no QK-clip
 
     def __post_init__(self) -> None:
         errors = []
-        if self.name != "adamw":
-            errors.append(f"optim.name={self.name!r}: only adamw is available")
+        if self.name not in ("adamw", "muonclip"):
+            errors.append(f"optim.name={self.name!r}: choose adamw or muonclip (optim=adamw / optim=muonclip)")
+        if not 0 <= self.muon_momentum < 1:
+            errors.append(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        if self.muon_ns_steps < 1 or self.muon_rms_scale <= 0:
+            errors.append("optim.muon_ns_steps must be >= 1 and optim.muon_rms_scale > 0")
+        if self.muon_ns_dtype not in ("bfloat16", "float32"):
+            errors.append(f"optim.muon_ns_dtype={self.muon_ns_dtype!r}: choose bfloat16 or float32")
+        if self.qk_clip_tau is not None and self.qk_clip_tau <= 0:
+            errors.append(f"optim.qk_clip_tau={self.qk_clip_tau} must be > 0 (null disables QK-clip)")
         if self.schedule not in ("cosine", "wsd", "constant"):
             errors.append(f"optim.schedule={self.schedule!r}: choose cosine, wsd or constant")
         if self.wsd_decay_style not in ("linear", "cosine", "exponential", "minus_sqrt"):

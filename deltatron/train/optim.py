@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule from megatron-core.
 
-AdamW is megatron-core's optimizer (distributed optimizer when data-parallel and on GPU); weight
+AdamW is megatron-core's optimizer (distributed optimizer when data-parallel and on GPU);
+`optim=muonclip` selects deltatron.train.muonclip instead. AdamW's weight
 decay follows megatron-core's rule (none on biases and 1-D parameters: norms, KDA's A_log and
 dt_bias). The schedule is megatron-core's OptimizerParamScheduler: warmup then cosine, WSD
 (warmup-stable-decay) or constant.
@@ -17,7 +18,12 @@ from deltatron.train.config import OptimConfig
 
 
 def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: bool):
-    """megatron-core optimizer for the (DDP-wrapped) model chunks."""
+    """The optimizer `cfg.name` names for the (DDP-wrapped) model chunks: megatron-core's AdamW,
+    or MuonClip (deltatron.train.muonclip; shards its own state, so `distributed` is for AdamW)."""
+    if cfg.name == "muonclip":
+        from deltatron.train.muonclip import build_muonclip
+
+        return build_muonclip(model_chunks, cfg)
     config = OptimizerConfig(
         optimizer="adam",  # megatron-core's Adam applies decoupled weight decay (AdamW)
         lr=cfg.lr,

@@ -156,6 +156,9 @@ class Trainer:
             # under interleaving an activation and a gradient of equal shape can swap. The
             # unbatched path orders the two directions consistently (found by the VPP parity test).
             batch_p2p_comm=False,
+            # MuonClip's QK-clip needs each MLA head's max attention logit from the core attention
+            qk_clip=self.cfg.optim.name == "muonclip" and self.cfg.optim.qk_clip_tau is not None,
+            qk_clip_threshold=self.cfg.optim.qk_clip_tau or 100.0,
         )
         chunks = []
         for vp_stage in range(par.vpp or 1):
@@ -175,7 +178,10 @@ class Trainer:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=False,
-                use_distributed_optimizer=self.dp_size > 1 and torch.cuda.is_available(),
+                # MuonClip shards its own state over whole matrices: DDP all-reduces its gradients
+                use_distributed_optimizer=(
+                    self.dp_size > 1 and torch.cuda.is_available() and self.cfg.optim.name == "adamw"
+                ),
             )
             ddp = DistributedDataParallel(
                 config=model.config, ddp_config=ddp_config, module=model,
@@ -247,6 +253,7 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": bool(update_ok),
             "lr": lr,
+            "optim_metrics": dict(getattr(self.optimizer, "metrics", {})),  # MuonClip's QK-clip stats
         }
 
     @torch.no_grad()
@@ -278,6 +285,7 @@ class Trainer:
                     f"data: {self.data.describe()}",
                     f"MFU peak: {self.peak_source}",
                     f"run directory: {self.run_dir} (resolved config: {os.path.join(self.run_dir, 'config.yaml')})",
+                    *(self.optimizer.describe() if hasattr(self.optimizer, "describe") else []),
                 ]
             )
         )
@@ -319,6 +327,7 @@ class Trainer:
                 }
                 if mfu is not None:
                     metrics["perf/mfu"] = mfu
+                metrics.update(out["optim_metrics"])
                 monitor.log(self.step, metrics)
                 monitor.print(
                     f"step {self.step}/{cfg.train.steps} | loss {out['loss']:.4f} | lr {lr:.3e} | "

@@ -1,0 +1,385 @@
+"""MuonClip (Kimi K2, arXiv 2507.20534; Moonlight, arXiv 2502.16982) as a sharded optimizer.
+
+Per step, with lr and weight decay wd from the schedule (megatron-core's OptimizerParamScheduler
+drives `param_groups` exactly as it drives its own optimizers):
+
+* Muon, for the hidden layers' weight matrices (`muon_params.PARAM_RULE`), per logical matrix G:
+      M <- mu M + G;   D = G + mu M (Nesterov) or M;   O = NewtonSchulz5(D) in bf16;
+      W <- W (1 - lr wd) - lr * 0.2 sqrt(max(A, B)) * O
+  (Moonlight's sum-form momentum; torch.optim.Muon's EMA form differs only by the factor 1 - mu,
+  which Newton-Schulz's normalisation removes.)
+* AdamW for everything else (torch's AdamW formula, decoupled weight decay).
+* QK-clip on every MLA layer after the update (`qk_clip`), before the new weights are shared.
+
+Distribution (`deltatron.parallel.muon_sharding`): megatron-core DDP all-reduces gradients into
+`param.main_grad` as for its non-distributed optimizer; then each parameter is updated on one
+data-parallel replica only, which keeps its state (fp32 master when the model is bf16, Muon
+momentum or Adam moments): optimizer memory is divided by the DP size. Each Muon matrix is
+orthogonalised once, on one TP rank of that replica, from its TP shards gathered in bf16 (the
+Newton-Schulz precision, `optim.muon_ns_dtype`), and
+the slices are scattered back; expert matrices do this inside their expert-data x expert-tensor
+grid. The owning replica then broadcasts the new parameters over its DP group.
+
+The step has megatron-core's optimizer contract: `step() -> (update_successful, grad_norm,
+num_zeros_in_grad)`, gradients clipped to `clip_grad` by their global norm first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from deltatron.parallel.muon_sharding import (
+    Grid, WorkItem, dense_grid, dp_broadcast, expert_grid, newton_schulz_cost, plan_owners,
+    tp_gather, tp_scatter,
+)
+from deltatron.train.config import OptimConfig
+from deltatron.train.muon_params import Block, FusedLayout, ParamSpec, classify, summarize
+from deltatron.train.newton_schulz import muon_update_scale, newton_schulz
+from deltatron.train.qk_clip import QKClip, mla_attentions
+
+
+@dataclass
+class _MuonBlock:
+    key: str
+    block: Block
+    full_shape: tuple[int, int]  # the logical matrix across TP ranks
+    owner_tp: int
+    tp_sharded: bool
+    partition_dim: int
+
+
+@dataclass
+class _Entry:
+    """One local parameter tensor and, on its owner replica, its optimizer state."""
+
+    key: str
+    param: torch.nn.Parameter
+    spec: ParamSpec
+    grid: Grid
+    group: dict
+    owner_dp: int = 0
+    blocks: list[_MuonBlock] = field(default_factory=list)
+    master: Optional[torch.Tensor] = None  # fp32; the parameter's own storage when it is fp32
+    separate_master: bool = False  # bf16 parameter: the master is copied into it after updates
+    state: dict = field(default_factory=dict)
+
+    @property
+    def owned(self) -> bool:
+        return self.owner_dp == self.grid.dp_rank
+
+    def grad(self) -> torch.Tensor:
+        g = getattr(self.param, "main_grad", None)
+        if g is None:
+            g = self.param.grad
+        return torch.zeros_like(self.param, dtype=torch.float32) if g is None else g
+
+
+@dataclass(frozen=True)
+class NormGroups:
+    """Process groups over which gradient norms are summed (as megatron-core's optimizers do):
+    `dense` holds the other TP/PP shards of dense parameters, `expert` those of expert
+    parameters (None when no parameter is expert-parallel)."""
+
+    dense: dist.ProcessGroup
+    expert: Optional[dist.ProcessGroup]
+    tp: dist.ProcessGroup
+    expert_tp: Optional[dist.ProcessGroup]
+
+
+class MuonClipOptimizer:
+    """Muon + AdamW + QK-clip over this rank's parameters, sharded as described above."""
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        cfg: OptimConfig,
+        layout: FusedLayout,
+        *,
+        dense: Grid,
+        expert: Grid,
+        norm_groups: NormGroups,
+        qk_clip: Optional[QKClip] = None,
+        num_sublayers: int = 0,
+    ):
+        """named_params: unique keys (model-chunk prefixed names) in model order, the same order
+        on every rank of a grid. qk_clip: the MLA layers to clip (None: no clipping)."""
+        self.cfg = cfg
+        self.norm_groups = norm_groups
+        self.qk_clip = qk_clip
+        self.num_sublayers = num_sublayers
+        self.steps = 0
+        self._ns_dtype = getattr(torch, cfg.muon_ns_dtype)
+        self.metrics: dict[str, float] = {}
+        base = dict(lr=cfg.lr, min_lr=cfg.min_lr, max_lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.param_groups = [
+            dict(name="muon", params=[], wd_mult=1.0, default_config=True, **base),
+            dict(name="adamw", params=[], wd_mult=1.0, **base),
+            dict(name="adamw_no_decay", params=[], wd_mult=0.0, **{**base, "weight_decay": 0.0}),
+        ]
+        self.entries: list[_Entry] = []
+        for key, p in named_params:
+            if not p.requires_grad:
+                continue
+            spec = classify(key, p, layout)
+            grid = expert if spec.expert else dense
+            group = self.param_groups[0 if spec.optimizer == "muon" else (1 if spec.weight_decay else 2)]
+            group["params"].append(p)
+            self.entries.append(_Entry(key, p, spec, grid, group))
+        self._plan(dense, ns_steps=cfg.muon_ns_steps)
+        if expert is not dense:
+            self._plan(expert, ns_steps=cfg.muon_ns_steps)
+        self._by_param = {id(e.param): e for e in self.entries}
+        for e in self.entries:
+            if e.owned:
+                self._init_state(e)
+
+    # ------------------------------------------------------------------ set-up
+    def _plan(self, grid: Grid, ns_steps: int) -> None:
+        entries = [e for e in self.entries if e.grid is grid]
+        items = []
+        for e in entries:
+            blocks = []
+            for b in e.spec.blocks:
+                rows = e.param.shape[0] if b.rows is None else int(b.rows.numel())
+                shape = [rows, e.param.shape[1]]
+                if e.spec.tp_sharded:
+                    shape[e.spec.partition_dim] *= grid.tp_size
+                blocks.append((f"{e.key}:{b.label}", b, tuple(shape)))
+            full_numel = e.param.numel() * (grid.tp_size if e.spec.tp_sharded else 1)
+            # Elementwise work (Adam, momentum, decay) counts ~10 operations per element.
+            ns = [newton_schulz_cost(*shape, ns_steps) for _, _, shape in blocks]
+            items.append(WorkItem(e.key, 10.0 * full_numel + sum(ns), tuple((k, c) for (k, _, _), c in zip(blocks, ns))))
+            e.blocks = [
+                _MuonBlock(k, b, shape, 0, e.spec.tp_sharded, e.spec.partition_dim) for k, b, shape in blocks
+            ]
+        plan = plan_owners(items, grid.dp_size, grid.tp_size)
+        for e in entries:
+            e.owner_dp = plan.param_owner[e.key]
+            for b in e.blocks:
+                b.owner_tp = plan.block_owner[b.key]
+
+    def _init_state(self, e: _Entry) -> None:
+        p = e.param
+        e.separate_master = p.dtype != torch.float32
+        e.master = p.detach().float().clone() if e.separate_master else p.data
+        if e.spec.optimizer == "muon":
+            e.state["momentum"] = {
+                b.key: torch.zeros_like(b.block.take(e.master)) for b in e.blocks
+            }
+        else:
+            e.state["exp_avg"] = torch.zeros_like(e.master)
+            e.state["exp_avg_sq"] = torch.zeros_like(e.master)
+
+    def describe(self) -> list[str]:
+        """Start-up lines: the group rule and which parameters fell where."""
+        return summarize([e.spec for e in self.entries])
+
+    # ------------------------------------------------------------------ megatron-core contract
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for e in self.entries:
+            e.param.grad = None
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss  # bf16/fp32 training: no loss scaling
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return torch.ones(1)
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float, None]:
+        grad_norm = self._clip_gradients()
+        self.steps += 1
+        updates: dict[str, torch.Tensor] = {}
+        grids = []
+        for e in self.entries:
+            if all(e.grid is not g for g in grids):
+                grids.append(e.grid)
+        for grid in grids:
+            updates.update(self._orthogonalised_updates(grid))
+        for e in self.entries:
+            if e.owned:
+                if e.spec.optimizer == "muon":
+                    self._apply_muon(e, updates)
+                else:
+                    self._apply_adamw(e)
+        self.metrics = self._apply_qk_clip() if self.qk_clip is not None else {}
+        for e in self.entries:
+            if e.owned and e.separate_master:
+                e.param.data.copy_(e.master)
+        for grid in grids:
+            by_owner = [[] for _ in range(grid.dp_size)]
+            for e in self.entries:
+                if e.grid is grid:
+                    by_owner[e.owner_dp].append(e.param)
+            dp_broadcast(grid, by_owner)
+        return True, grad_norm, None
+
+    # ------------------------------------------------------------------ pieces of the step
+    def _clip_gradients(self) -> float:
+        from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        ng = self.norm_groups
+        dense, expert = [], []
+        for e in self.entries:
+            p = e.param
+            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(
+                p, tp_group=ng.tp, expert_tp_group=ng.expert_tp
+            ):
+                (expert if e.spec.expert else dense).append(e.grad())
+        total = float(get_grad_norm_fp32(dense, grad_stats_parallel_group=ng.dense)) ** 2
+        if ng.expert is not None:
+            total += float(get_grad_norm_fp32(expert, grad_stats_parallel_group=ng.expert)) ** 2
+        norm = math.sqrt(total)
+        if self.cfg.clip_grad > 0:
+            coeff = self.cfg.clip_grad / (norm + 1e-6)
+            if coeff < 1.0:
+                for e in self.entries:
+                    e.grad().mul_(coeff)
+        return norm
+
+    def _orthogonalised_updates(self, grid: Grid) -> dict[str, torch.Tensor]:
+        """Newton-Schulz results (NS dtype, this rank's slice) of the Muon matrices of parameters
+        owned by this replica, keyed by block. Collective over the grid's TP group."""
+        mu, nesterov = self.cfg.muon_momentum, self.cfg.muon_nesterov
+        owned = [e for e in self.entries if e.grid is grid and e.owned and e.spec.optimizer == "muon"]
+        directions: dict[str, torch.Tensor] = {}
+        for e in owned:
+            g = e.grad()
+            for b in e.blocks:
+                piece = b.block.take(g)
+                m = e.state["momentum"][b.key]
+                m.mul_(mu).add_(piece)
+                directions[b.key] = piece.add(m, alpha=mu) if nesterov else m
+        by_owner = [[b for e in owned for b in e.blocks if b.owner_tp == t] for t in range(grid.tp_size)]
+        if not any(by_owner):
+            return {}  # every rank of this TP group sees the same (empty) plan
+        mine = by_owner[grid.tp_rank]
+        device = owned[0].param.device if owned else torch.device("cpu")
+
+        # Full matrices of the blocks this rank orthogonalises: TP shards gathered in the NS dtype.
+        if grid.tp_size > 1:
+            sharded = [[directions[b.key] for b in blocks if b.tp_sharded] for blocks in by_owner]
+            received = tp_gather(grid, sharded, self._ns_dtype, device)
+        full, j = [], 0
+        for b in mine:
+            if grid.tp_size > 1 and b.tp_sharded:
+                full.append(torch.cat([received[r][j] for r in range(grid.tp_size)], dim=b.partition_dim))
+                j += 1
+            else:
+                full.append(directions[b.key])
+        ortho = self._batched_newton_schulz(full)
+
+        if grid.tp_size == 1:
+            return {b.key: o for b, o in zip(mine, ortho)}
+        slices = [None] * grid.tp_size
+        slices[grid.tp_rank] = [
+            [o.chunk(grid.tp_size, dim=b.partition_dim)[r] if b.tp_sharded else o for b, o in zip(mine, ortho)]
+            for r in range(grid.tp_size)
+        ]
+        templates = [[directions[b.key] for b in blocks] for blocks in by_owner]
+        got = tp_scatter(grid, slices, templates, self._ns_dtype, device)
+        return {b.key: s for blocks, ss in zip(by_owner, got) for b, s in zip(blocks, ss)}
+
+    def _batched_newton_schulz(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Newton-Schulz of each matrix; same-shape matrices (e.g. experts) run as one batch."""
+        out: list[Optional[torch.Tensor]] = [None] * len(matrices)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, m in enumerate(matrices):
+            by_shape.setdefault(tuple(m.shape), []).append(i)
+        for idx in by_shape.values():
+            batch = newton_schulz(
+                torch.stack([matrices[i] for i in idx]), steps=self.cfg.muon_ns_steps, dtype=self._ns_dtype
+            )
+            for i, o in zip(idx, batch):
+                out[i] = o
+        return out
+
+    def _apply_muon(self, e: _Entry, updates: dict[str, torch.Tensor]) -> None:
+        lr, wd = e.group["lr"], e.group["weight_decay"]
+        e.master.mul_(1.0 - lr * wd)
+        for b in e.blocks:
+            step = updates[b.key].float()
+            alpha = -lr * muon_update_scale(b.full_shape, self.cfg.muon_rms_scale)
+            if b.block.rows is None:
+                e.master.add_(step, alpha=alpha)
+            else:
+                e.master.index_add_(0, b.block.rows, step, alpha=alpha)
+
+    def _apply_adamw(self, e: _Entry) -> None:
+        cfg = self.cfg
+        lr, wd = e.group["lr"], e.group["weight_decay"]
+        g = e.grad().float()
+        m, v = e.state["exp_avg"], e.state["exp_avg_sq"]
+        m.lerp_(g, 1.0 - cfg.beta1)
+        v.mul_(cfg.beta2).addcmul_(g, g, value=1.0 - cfg.beta2)
+        bias1 = 1.0 - cfg.beta1**self.steps
+        bias2 = 1.0 - cfg.beta2**self.steps
+        e.master.mul_(1.0 - lr * wd)
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(cfg.eps)
+        e.master.addcdiv_(m, denom, value=-lr / bias1)
+
+    def _apply_qk_clip(self) -> dict[str, float]:
+        clips = self.qk_clip.factors()
+        for c in clips:
+            if not c.clipped:
+                continue
+            for weight, rows in ((c.q_weight, c.q_rows), (c.kv_weight, c.kv_rows)):
+                e = self._by_param.get(id(weight))
+                if e is None:
+                    raise RuntimeError(f"QK-clip: MLA layer {c.layer_number}'s weight is not in the optimizer")
+                if e.owned:
+                    e.master.mul_(rows[:, None].to(e.master.dtype))
+        return self.qk_clip.stats(clips, self.num_sublayers)
+
+
+def build_muonclip(model_chunks: list, cfg: OptimConfig) -> MuonClipOptimizer:
+    """MuonClip for megatron-core DDP-wrapped model chunks, on the current process groups."""
+    from megatron.core import parallel_state as ps
+
+    config = model_chunks[0].config
+    named = [
+        (f"{i}.{name}" if len(model_chunks) > 1 else name, p)
+        for i, chunk in enumerate(model_chunks)
+        for name, p in _unwrap(chunk).named_parameters()
+    ]
+    expert_parallel = (
+        ps.get_expert_model_parallel_world_size() > 1
+        or ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()
+    )
+    norm_groups = NormGroups(
+        dense=ps.get_model_parallel_group(),
+        expert=ps.get_expert_tensor_model_pipeline_parallel_group() if expert_parallel else None,
+        tp=ps.get_tensor_model_parallel_group(),
+        expert_tp=ps.get_expert_tensor_parallel_group(),
+    )
+    dense = dense_grid()
+    qk = None
+    if cfg.qk_clip_tau is not None:
+        if not getattr(config, "qk_clip", False):
+            raise ValueError(
+                "optim.qk_clip_tau is set but the model config has qk_clip=False, so MLA records no "
+                "max logits: build the model with qk_clip=True (the trainer does for optim=muonclip)"
+            )
+        qk = QKClip(
+            mla_attentions(model_chunks), cfg.qk_clip_tau,
+            dp_group=ps.get_data_parallel_group(with_context_parallel=True),
+            stats_group=ps.get_model_parallel_group(),
+        )
+    return MuonClipOptimizer(
+        named, cfg, FusedLayout.from_config(config),
+        dense=dense, expert=expert_grid() if expert_parallel else dense,
+        norm_groups=norm_groups, qk_clip=qk, num_sublayers=config.num_layers,
+    )
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module

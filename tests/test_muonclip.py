@@ -1,0 +1,350 @@
+"""MuonClip: Newton-Schulz, the update rule against plain references, QK-clip, and distributed
+equality (DP2, TP2, EP2, TP2xDP2 against one process, through tests/parity.py's machinery)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import parity
+from distributed import run_distributed
+from test_parallel_parity import _check, _params
+
+from deltatron.train.config import OptimConfig
+from deltatron.train.muon_params import FusedLayout, classify
+from deltatron.train.newton_schulz import NS_COEFFICIENTS, muon_update_scale, newton_schulz
+
+# ---------------------------------------------------------------------------- Newton-Schulz
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (16, 64)])
+def test_newton_schulz_singular_values_lie_in_band(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g[:, 0] *= 100  # badly scaled input: normalisation and iteration must still even it out
+    sv = torch.linalg.svdvals(newton_schulz(g).float())
+    # the quintic's fixed band after 5 steps (Keller Jordan: roughly 0.7..1.2, not exactly 1)
+    assert sv.min() > 0.6 and sv.max() < 1.2, (sv.min(), sv.max())
+
+
+def test_newton_schulz_batches_independently():
+    g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1))
+    batched = newton_schulz(g)
+    for i in range(3):
+        assert torch.equal(batched[i], newton_schulz(g[i]))
+
+
+# ---------------------------------------------------------------------------- single process
+
+GLU_FFN, HEADS, NOPE, VDIM, LATENT, HIDDEN = 12, 2, 4, 3, 8, 16
+
+
+class _Toy(torch.nn.Module):
+    """Parameters named and tagged like the model's, one of each kind the rule distinguishes."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        shapes = {
+            "decoder.layers.0.self_attention.linear_q.weight": (24, HIDDEN),
+            "decoder.layers.0.self_attention.linear_proj.weight": (HIDDEN, 40),
+            "decoder.layers.1.mlp.linear_fc1.weight": (2 * GLU_FFN, HIDDEN),
+            "decoder.layers.2.self_attention.linear_kv_up_proj.weight": (HEADS * (NOPE + VDIM), LATENT),
+            "decoder.layers.3.mlp.router.weight": (4, HIDDEN),
+            "decoder.layers.0.input_layernorm.weight": (HIDDEN,),
+            "decoder.layers.0.self_attention.q_conv": (24, 4),
+            "embedding.word_embeddings.weight": (32, HIDDEN),
+        }
+        self.names = list(shapes)
+        self.params = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(*s, generator=g) * 0.1) for s in shapes.values()]
+        )
+        self.params[-1].is_embedding_or_output_parameter = True
+
+    def named(self):
+        return list(zip(self.names, self.params))
+
+
+LAYOUT = FusedLayout(glu=True, kv_key_dim=NOPE, kv_value_dim=VDIM)
+
+
+def _optimizer(named, cfg):
+    from megatron.core import parallel_state as ps
+
+    from deltatron.parallel.muon_sharding import dense_grid
+    from deltatron.train.muonclip import MuonClipOptimizer, NormGroups
+
+    groups = NormGroups(ps.get_model_parallel_group(), None, ps.get_tensor_model_parallel_group(), None)
+    grid = dense_grid()
+    return MuonClipOptimizer(named, cfg, LAYOUT, dense=grid, expert=grid, norm_groups=groups)
+
+
+def _reference_ns(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Plain Newton-Schulz, one matrix at a time: input cast to bf16 first (as torch.optim.Muon
+    does; the TP gather sends bf16), normalised, tall matrices transposed, the polynomial in
+    torch.addmm form (as torch.optim.Muon and Keller Jordan's Muon)."""
+    a, b, c = NS_COEFFICIENTS
+    tall = x.shape[0] > x.shape[1]
+    x = x.T.bfloat16() if tall else x.bfloat16()
+    x = (x.float() / x.float().norm().clamp_min(1e-7)).bfloat16()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _logical_rows(name: str, rows: int) -> list[torch.Tensor]:
+    if "linear_fc1" in name:
+        return [torch.arange(GLU_FFN), torch.arange(GLU_FFN, 2 * GLU_FFN)]
+    if "kv_up" in name:
+        per_head = torch.arange(rows).view(HEADS, NOPE + VDIM)
+        return [per_head[:, :NOPE].reshape(-1), per_head[:, NOPE:].reshape(-1)]
+    return [torch.arange(rows)]
+
+
+def _grads(step: int, params) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def test_param_rule_sends_each_kind_to_its_group():
+    toy = _Toy()
+    groups = {n: classify(n, p, LAYOUT) for n, p in toy.named()}
+    muon = {n for n, s in groups.items() if s.optimizer == "muon"}
+    assert muon == {n for n in toy.names if n.split(".")[-2] in ("linear_q", "linear_proj", "linear_fc1", "linear_kv_up_proj")}
+    assert [b.label for b in groups["decoder.layers.1.mlp.linear_fc1.weight"].blocks] == ["gate", "up"]
+    assert not groups["decoder.layers.0.input_layernorm.weight"].weight_decay
+    assert groups["decoder.layers.3.mlp.router.weight"].weight_decay
+
+
+def test_single_process_step_matches_plain_reference(process_groups):
+    cfg = OptimConfig(name="muonclip", lr=0.02, min_lr=0.0, weight_decay=0.1, clip_grad=0.0, qk_clip_tau=None)
+    toy = _Toy()
+    start = [p.detach().clone() for p in toy.params]
+    ref = [p.detach().clone().requires_grad_() for p in toy.params]
+    opt = _optimizer(toy.named(), cfg)
+    muon = [classify(n, p, LAYOUT).optimizer == "muon" for n, p in toy.named()]
+    adamw = [r for r, m in zip(ref, muon) if not m]
+    adam = torch.optim.AdamW(
+        [  # megatron-core's rule: no decay on 1-D parameters
+            {"params": [r for r in adamw if r.dim() > 1], "weight_decay": cfg.weight_decay},
+            {"params": [r for r in adamw if r.dim() == 1], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    )
+    momenta = {}
+    for step in range(3):
+        grads = _grads(step, toy.params)
+        for p, g in zip(toy.params, grads):
+            p.grad = g.clone()
+        opt.step()
+        # reference: Moonlight's Muon per logical matrix, torch's AdamW for the rest
+        with torch.no_grad():
+            _reference_muon_step(toy.names, ref, grads, muon, momenta, cfg.lr, cfg.weight_decay)
+        adam.step()
+    for i, (name, p) in enumerate(toy.named()):
+        r = ref[i].detach()
+        if muon[i]:
+            # same bf16 arithmetic; only batching and fp32 accumulation order may differ
+            rel = (p.detach() - r).norm() / (r - start[i]).norm()
+            assert rel < 1e-3, (name, rel)
+        else:
+            torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _reference_muon_step(names, ref, grads, muon, momenta, lr, wd):
+    for i, (name, r) in enumerate(zip(names, ref)):
+        r.grad = grads[i].clone()
+        if not muon[i]:
+            continue
+        r.mul_(1 - lr * wd)
+        for j, rows in enumerate(_logical_rows(name, r.shape[0])):
+            m = momenta.setdefault((i, j), torch.zeros(len(rows), r.shape[1]))
+            m.mul_(0.95).add_(grads[i][rows])
+            o = _reference_ns(grads[i][rows] + 0.95 * m).float()
+            r[rows] -= lr * 0.2 * math.sqrt(max(o.shape)) * o
+
+
+def test_muon_matches_torch_optim_muon(process_groups):
+    """torch.optim.Muon (EMA momentum, 0.2*sqrt(max) 'match_rms_adamw' scale) on one matrix."""
+    cfg = OptimConfig(name="muonclip", lr=0.02, min_lr=0.0, weight_decay=0.1, clip_grad=0.0, qk_clip_tau=None)
+    toy = _Toy()
+    name, p = toy.named()[0]
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt = _optimizer([(name, p)], cfg)
+    torch_muon = torch.optim.Muon(
+        [ref], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    start = p.detach().clone()
+    for step in range(3):
+        g = _grads(step, [p])[0]
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        torch_muon.step()
+    # EMA vs sum momentum differ by the factor 1 - mu, which bf16 rounds differently
+    # (bf16 Newton-Schulz itself is within about 1.5% of fp32's, so 3% is its rounding scale)
+    rel = (p.detach() - ref.detach()).norm() / (ref.detach() - start).norm()
+    assert rel < 0.03, rel
+
+
+@pytest.mark.parametrize("shape", [(16, 256), (256, 16), (64, 128)])
+def test_update_rms_matches_adamw_scale(shape, process_groups):
+    """First step, no momentum or decay: the update's RMS is about 0.2 for every shape."""
+    cfg = OptimConfig(name="muonclip", lr=1.0, min_lr=0.0, weight_decay=0.0, clip_grad=0.0,
+                      muon_momentum=0.0, qk_clip_tau=None)
+    p = torch.nn.Parameter(torch.zeros(*shape))
+    opt = _optimizer([("decoder.layers.0.mlp.linear_fc2.weight", p)], cfg)
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    p.grad = g
+    opt.step()
+    expected = newton_schulz(g).float() * muon_update_scale(shape)
+    torch.testing.assert_close(-p.detach(), expected)
+    rms = p.detach().pow(2).mean().sqrt().item()
+    assert 0.15 < rms < 0.21, rms
+
+
+def test_bad_optimizer_config_names_the_field():
+    with pytest.raises(ValueError, match="optim.name='muon': choose adamw or muonclip"):
+        OptimConfig(name="muon")
+    with pytest.raises(ValueError, match="optim.qk_clip_tau=-1.0 must be > 0"):
+        OptimConfig(name="muonclip", qk_clip_tau=-1.0)
+
+
+# ---------------------------------------------------------------------------- distributed equality
+
+# Below the tiny model's max logits (about 0.07), so QK-clip acts in every step of every layout.
+QK_TAU = 0.05
+# Newton-Schulz in fp32: in bf16, the last-bit differences of gradients reduced in another order
+# flip bf16 roundings and the layouts agree only to about 1% of an update (2e-5 here), which would
+# hide sharding errors of that size; the bf16 arithmetic is checked by the single-process tests.
+MUONCLIP = dict(name="muonclip", qk_clip_tau=QK_TAU, muon_ns_dtype="float32")
+TWO_PROCESS = {
+    "dp2": dict(),
+    # megatron-core runs MoE under TP only with sequence parallelism
+    "tp2_sp": dict(tp=2, sequence_parallel=True),
+    "ep2": dict(ep=2),
+}
+FOUR_PROCESS = {"tp2_dp2": dict(tp=2, sequence_parallel=True)}
+
+
+@pytest.fixture(scope="module")
+def muonclip_reference(tmp_path_factory, process_groups):
+    """One process: the shared initial checkpoint, then 3 MuonClip steps and the final weights."""
+    from deltatron.train.checkpoint import save_model
+    from deltatron.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("muonclip")
+    init = str(tmp / "init")
+    cfg = parity.run_config({}, str(tmp / "run-init"), None, MUONCLIP)
+    save_model(Trainer(cfg, dataclasses.asdict(cfg), data=parity.FixedBatches(0, 1)).model, init)
+    losses = parity.train_layout({}, init, str(tmp / "ref"), str(tmp / "run-ref"), None, MUONCLIP)
+    return tmp, init, losses, _params(str(tmp / "ref"))
+
+
+@pytest.fixture(scope="module")
+def two_process_muonclip(muonclip_reference):
+    tmp, init, _, _ = muonclip_reference
+    return run_distributed(parity.layouts_job, 2, TWO_PROCESS, init, str(tmp), None, MUONCLIP)[0]
+
+
+@pytest.mark.parametrize("name", sorted(TWO_PROCESS))
+def test_two_process_muonclip_matches_single_process(name, muonclip_reference, two_process_muonclip):
+    tmp, _, ref_losses, ref_params = muonclip_reference
+    _check(name, ref_losses, two_process_muonclip[name], ref_params, _params(str(tmp / name)))
+
+
+def test_tp2_dp2_muonclip_matches_single_process(muonclip_reference):
+    tmp, init, ref_losses, ref_params = muonclip_reference
+    losses = run_distributed(parity.layouts_job, 4, FOUR_PROCESS, init, str(tmp), None, MUONCLIP)[0]
+    _check("tp2_dp2", ref_losses, losses["tp2_dp2"], ref_params, _params(str(tmp / "tp2_dp2")))
+
+
+# ---------------------------------------------------------------------------- QK-clip
+
+
+def _mla(model_chunks):
+    from deltatron.train.qk_clip import mla_attentions
+
+    (attn,) = mla_attentions(model_chunks)
+    return attn
+
+
+def test_qk_clip_factors_match_megatron_clip_qk(process_groups):
+    """Our row factors equal megatron-core's MLASelfAttention.clip_qk (alpha 0.5) on our layout."""
+    from megatron.core import parallel_state as ps
+
+    from deltatron.model.config import ModelConfig
+    from deltatron.model.model import build_model
+    from deltatron.train.qk_clip import QKClip
+
+    model = build_model(ModelConfig(**parity.MODEL), qk_clip=True, qk_clip_threshold=1.0)
+    attn = _mla([model])
+    logits = torch.tensor([4.0, 0.5])  # head 0 above tau = 1, head 1 below
+    q0, kv0 = attn.linear_q_proj.weight.detach().clone(), attn.linear_kv_up_proj.weight.detach().clone()
+    attn.core_attention.current_max_attn_logits = logits.clone()
+    with torch.no_grad():
+        attn.clip_qk()
+    q_meg, kv_meg = attn.linear_q_proj.weight.detach().clone(), attn.linear_kv_up_proj.weight.detach().clone()
+    assert not torch.equal(q_meg, q0)  # megatron-core did clip
+
+    attn.core_attention.current_max_attn_logits = logits.clone()
+    clip = QKClip([attn], 1.0, ps.get_data_parallel_group(), ps.get_model_parallel_group())
+    (factors,) = clip.factors()
+    assert factors.gamma.tolist() == [0.25, 1.0]
+    torch.testing.assert_close(q0 * factors.q_rows[:, None], q_meg)
+    torch.testing.assert_close(kv0 * factors.kv_rows[:, None], kv_meg)
+    assert attn.core_attention.current_max_attn_logits is None  # reset for the next step
+
+
+def _record_max_logits(trainer, batches) -> torch.Tensor:
+    """Per-head max logits of the MLA layer for these batches (a training-mode forward only)."""
+    attn = _mla(trainer.model)
+    attn.core_attention.current_max_attn_logits = None
+    with torch.no_grad():
+        trainer._run_schedule(batches, forward_only=True)
+    out = attn.core_attention.current_max_attn_logits.clone()
+    attn.core_attention.current_max_attn_logits = None
+    return out
+
+
+def test_qk_clip_brings_offending_heads_to_tau(tmp_path, process_groups):
+    """Head 0's queries are inflated so its max logit exceeds tau; after one step (lr ~ 0, so
+    only the clip changes weights) its max logit is tau and head 1 is unchanged."""
+    from deltatron.train.trainer import Trainer
+
+    tiny_lr = dict(name="muonclip", lr=1e-12, min_lr=1e-12)
+    cfg = parity.run_config({}, str(tmp_path / "run"), None, tiny_lr)
+    trainer = Trainer(cfg, dataclasses.asdict(cfg), data=parity.FixedBatches(0, 1))
+    batches = [next(trainer.data.train_batches()) for _ in range(trainer.num_microbatches)]
+    attn = _mla(trainer.model)
+    c = attn.config
+    q_head = c.qk_head_dim + c.qk_pos_emb_head_dim
+    with torch.no_grad():
+        attn.linear_q_proj.weight[:q_head] *= 40.0
+    before = _record_max_logits(trainer, batches)
+    tau = before[0].item() / 4
+    assert before[1] < tau < before[0], before
+    trainer.optimizer.qk_clip.tau = tau
+    weights = {n: p.detach().clone() for n, p in attn.named_parameters()}
+
+    out = trainer.train_step(batches)
+
+    after = _record_max_logits(trainer, batches)
+    torch.testing.assert_close(after[0], torch.tensor(tau), rtol=1e-4, atol=0)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=0)
+    assert out["optim_metrics"]["qk_clip/layer4_clipped_heads"] == 1
+    assert out["optim_metrics"]["qk_clip/layer4_max_logit"] == pytest.approx(before[0].item())
+    gamma = tau / before[0].item()
+    new = {n: p.detach() for n, p in attn.named_parameters()}
+    q_old, q_new = (w["linear_q_proj.weight"].view(2, q_head, -1) for w in (weights, new))
+    torch.testing.assert_close(q_new[0, : c.qk_head_dim], q_old[0, : c.qk_head_dim] * gamma**0.5)
+    torch.testing.assert_close(q_new[0, c.qk_head_dim :], q_old[0, c.qk_head_dim :] * gamma)
+    torch.testing.assert_close(q_new[1], q_old[1])
+    kv_old, kv_new = (w["linear_kv_up_proj.weight"].view(2, c.qk_head_dim + c.v_head_dim, -1) for w in (weights, new))
+    torch.testing.assert_close(kv_new[0, : c.qk_head_dim], kv_old[0, : c.qk_head_dim] * gamma**0.5)
+    torch.testing.assert_close(kv_new[:, c.qk_head_dim :], kv_old[:, c.qk_head_dim :])  # values
+    torch.testing.assert_close(kv_new[1], kv_old[1])
+    torch.testing.assert_close(new["linear_kv_down_proj.weight"], weights["linear_kv_down_proj.weight"])
