@@ -190,6 +190,29 @@ def test_muon_matches_torch_optim_muon(process_groups):
     assert rel < 0.03, rel
 
 
+def test_bf16_parameters_keep_fp32_masters(process_groups):
+    """bf16 model (GPU training): the optimizer updates an fp32 master and writes its rounding
+    into the parameter; the master moves exactly as an fp32 parameter fed the same gradients."""
+    cfg = OptimConfig(name="muonclip", lr=0.02, min_lr=0.0, clip_grad=0.0, qk_clip_tau=None)
+    fp32, bf16 = _Toy(), _Toy()
+    for p in bf16.params:
+        p.data = p.data.bfloat16()
+    start32 = [p.detach().clone() for p in fp32.params]
+    opt32, opt16 = _optimizer(fp32.named(), cfg), _optimizer(bf16.named(), cfg)
+    for step in range(3):
+        for a, b, g in zip(fp32.params, bf16.params, _grads(step, fp32.params)):
+            a.grad, b.main_grad = g.clone(), g.clone()  # fp32 main_grad, as megatron-core DDP keeps
+        opt32.step()
+        opt16.step()
+    for e16, a, s32 in zip(opt16.entries, fp32.params, start32):
+        assert e16.param.dtype == torch.bfloat16 and e16.master.dtype == torch.float32
+        assert torch.equal(e16.param.detach(), e16.master.bfloat16())
+        start16 = s32.bfloat16().float()
+        change32, change16 = a.detach() - s32, e16.master - start16
+        # same gradients, so the same updates; weight decay acts on the bf16-rounded start
+        assert (change16 - change32).norm() < 1e-3 * change32.norm(), e16.key
+
+
 @pytest.mark.parametrize("shape", [(16, 256), (256, 16), (64, 128)])
 def test_update_rms_matches_adamw_scale(shape, process_groups):
     """First step, no momentum or decay: the update's RMS is about 0.2 for every shape."""
