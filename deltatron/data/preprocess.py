@@ -199,8 +199,11 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     reused = sum(len(s) for s in shards)
     written = 0
     manifest_path = os.path.join(out, MANIFEST)
-    if plan and os.path.exists(manifest_path):
-        os.remove(manifest_path)  # it describes shards this run may replace
+    if plan:
+        try:
+            os.remove(manifest_path)  # it describes shards this run may replace
+        except FileNotFoundError:
+            pass
 
     if plan:
         from tqdm import tqdm

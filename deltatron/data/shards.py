@@ -220,8 +220,7 @@ class ShardWriter:
         # An older shard of this name goes first, its .idx before anything else, so that no moment
         # pairs a new .bin with an old .idx or leaves a pair without its record.
         for ext in (".idx", ".json", ".bin"):
-            if os.path.exists(self.prefix + ext):
-                os.remove(self.prefix + ext)
+            _remove_if_there(self.prefix + ext)
         for ext in (".bin", ".json", ".idx"):
             os.replace(self.tmp[ext], self.prefix + ext)
         return info
@@ -232,6 +231,13 @@ class ShardWriter:
         for path in self.tmp.values():
             if os.path.exists(path):
                 os.remove(path)
+
+
+def _remove_if_there(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:  # absent, or another process (a second rank) removed it just now
+        pass
 
 
 def read_shard_record(directory: str, name: str) -> dict | None:
