@@ -14,6 +14,18 @@ if REPO not in sys.path:
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Set in this process by init_process_groups (a world of one on a free port); a child process
+# that inherited them would try to listen on the port this process already holds.
+_RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a trainer started as a subprocess: ours without our rendezvous."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    env["PYTHONPATH"] = REPO
+    env.update(extra)
+    return env
+
 
 @pytest.fixture(scope="session")
 def process_groups():

@@ -20,6 +20,10 @@ class ParallelConfig:
     # Kimi layers per pipeline stage (pp*vpp entries, pipeline order); layers differ in cost, so
     # an explicit split can balance stages. None: as even as possible.
     pipeline_layers: Optional[list[int]] = None
+    # overlap the data-parallel gradient reduction with the backward pass (megatron-core DDP
+    # buckets); with the distributed optimizer, also overlap the parameter all-gather
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = False
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp

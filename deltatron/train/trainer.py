@@ -175,13 +175,15 @@ class Trainer:
             if bf16:
                 model = Float16Module(model.config, model)
                 keep_fp32_parameters(model)
+            # MuonClip shards its own state over whole matrices: DDP all-reduces its gradients
+            distributed_optimizer = (
+                self.dp_size > 1 and torch.cuda.is_available() and self.cfg.optim.name == "adamw"
+            )
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
-                # MuonClip shards its own state over whole matrices: DDP all-reduces its gradients
-                use_distributed_optimizer=(
-                    self.dp_size > 1 and torch.cuda.is_available() and self.cfg.optim.name == "adamw"
-                ),
+                overlap_grad_reduce=par.overlap_grad_reduce,
+                overlap_param_gather=par.overlap_param_gather and distributed_optimizer,
+                use_distributed_optimizer=distributed_optimizer,
             )
             ddp = DistributedDataParallel(
                 config=model.config, ddp_config=ddp_config, module=model,
