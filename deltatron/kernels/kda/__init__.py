@@ -13,11 +13,13 @@
     ->  o [B, T, H, V] in v's dtype,  final_state [N, H, K, V] fp32 (None if not asked for)
 
 Backends: "torch" (chunkwise parallel in pure PyTorch, differentiable; the CPU path and the GPU
-fallback) and "naive" (token by token, the test oracle).
+fallback), "naive" (token by token, the test oracle) and, where triton imports, "triton" (chunkwise
+forward and backward kernels for CUDA tensors, chunk_size 16, 32, 64 or 128; see triton_chunk.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,9 +32,14 @@ __all__ = ["available_backends", "chunk_kda_torch", "kda", "naive_recurrent_kda"
 _BACKENDS = ("torch", "naive")
 
 
+@functools.lru_cache(maxsize=None)
 def available_backends() -> tuple[str, ...]:
-    """Names `kda(..., backend=...)` accepts in this installation."""
-    return _BACKENDS
+    """Names `kda(..., backend=...)` accepts in this installation ("triton" only if it imports)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return _BACKENDS
+    return _BACKENDS + ("triton",)
 
 
 def kda(
@@ -65,6 +72,16 @@ def kda(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
+    if backend == "triton" and backend in available_backends():
+        # Imported on first use, so importing this package never imports triton. TRITON_INTERPRET
+        # is read when the kernels are defined, i.e. at this first import.
+        from deltatron.kernels.kda.triton_chunk import chunk_kda_triton
+
+        return chunk_kda_triton(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        )
     raise ValueError(
-        f"KDA backend {backend!r} is not available; choose one of: {', '.join(_BACKENDS)}"
+        f"KDA backend {backend!r} is not available; choose one of: "
+        f"{', '.join(available_backends())}"
     )

@@ -1,0 +1,196 @@
+"""Chunkwise Kimi Delta Attention in Triton, forward and backward, behind `kda(backend="triton")`.
+
+Same recurrence and chunkwise form as chunk.py (the WY/UT form of the Kimi Linear paper):
+    S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale q_t)
+
+Kernels (T_total = B * T tokens, NC chunks over all sequences, N sequences, NV = cdiv(V, 32)):
+    forward   intra_chunk_fwd  grid (NC, H)      A_qk, A_inv = (I + A_kk)^-1, W, U per chunk
+              state_fwd        grid (N, H, NV)   U' = U - W S, O and S_next chunk after chunk;
+                                                 the final state
+    backward  intra_chunk_fwd  grid (NC, H)      recomputed, now also keeping A_inv
+              state_fwd        grid (N, H, NV)   recomputed, keeping h (the state entering every
+                                                 chunk) and U' instead of O
+              state_bwd        grid (N, H, NV)   reverse pass: dh (gradient of the state leaving
+                                                 every chunk), dU', the initial state's gradient
+              grad_chunk       grid (NC, H)      dv, dA_qk, dA_kk, elementwise parts of dq, dk, dg
+              grad_pairwise    grid (NC, H)      dq, dk, dg, dbeta
+Only the inputs are saved for the backward; everything else is recomputed (one extra intra pass
+and state pass), so the activation memory is the inputs'. The forward never materialises per-chunk
+states: the output is produced inside the state pass; its temporaries (A_qk, W, U, Qg, Kg, fp32)
+are about 2.3 KB per token and head at K = V = 128, C = 64. The backward also holds h and dh,
+fp32 [NC, H, K, V] each (4 K V / C bytes per token and head: 1 KiB each at K = V = 128, C = 64);
+its peak, in grad_chunk, is about 6.5 KB per token and head there (1.6 GiB for 8192 tokens and 32
+heads), all released before it returns.
+
+Tiles: C in {16, 32, 64, 128} (64 is the target); sub-chunks of SUB = 16 tokens for the
+intra-chunk decays; key channels 32 at a time in the chunk-parallel kernels and whole (padded to a
+power of two, up to 256) in the state passes; value columns 32 at a time in the state passes so a
+single long sequence still spreads over H * NV programs; 8 warps at C = 64 or K = 128 (configs in
+intra_config, state_config, grad_config). All arithmetic is fp32 (16-bit inputs are converted on
+load, every intermediate is fp32); tl.dot runs "tf32" products for bf16 / fp16 inputs and
+"tf32x3" (about fp32) for fp32 inputs (triton_common.dot_precision). No autotuning, so a fresh GPU
+compiles each kernel once per shape class. triton_compile_check.py compiles them all for a target
+(sm_90 by default) without a GPU and reports shared memory, registers and spills.
+
+Packed documents: every sequence is cut into its own chunks on the host (a chunk never straddles
+two documents, the last one may be ragged), so each program reads only its document's tokens and
+each sequence starts from its own initial_state row. A batch of B rows is handled as B packed
+sequences of length T.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from deltatron.kernels.kda.checks import check_kda_inputs
+from deltatron.kernels.kda.triton_common import chunk_layout, dot_precision
+from deltatron.kernels.kda.triton_grad import grad_chunk, grad_pairwise
+from deltatron.kernels.kda.triton_intra import _intra_fwd_kernel, intra_chunk_fwd
+from deltatron.kernels.kda.triton_state import state_bwd, state_fwd
+
+SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
+
+# Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (numpy); compiled ones need CUDA.
+_INTERPRETED = type(_intra_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU, whatever the current device is."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    """Autograd boundary of the Triton kernels, on flattened inputs.
+
+    forward(q, k, v, g, beta, initial_state, layout, scale, chunk_size, output_final_state):
+        q, k, g: [T_total, H, K]; v: [T_total, H, V]; beta: [T_total, H], all contiguous;
+        initial_state: [N, H, K, V] or None; layout: the chunks (triton_common.chunk_layout).
+        -> o [T_total, H, V] in v's dtype, final state [N, H, K, V] fp32 (None unless asked).
+    Gradients reach q, k, v, g, beta and initial_state, including through the final state.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q, k, v, g, beta, initial_state, layout, scale, chunk_size, output_final_state
+    ):
+        ctx.set_materialize_grads(False)
+        precision = dot_precision(q.dtype, k.dtype, v.dtype)
+        with _on_device(q):
+            ic = intra_chunk_fwd(q, k, v, g, beta, layout, scale, chunk_size, precision, False)
+            o, ht, _, _ = state_fwd(
+                ic, initial_state, layout, precision, v.dtype,
+                output=True, final_state=output_final_state, chunk_states=False,
+            )
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.chunk_size = chunk_size
+        return o, ht
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        precision = dot_precision(q.dtype, k.dtype, v.dtype)
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        initial_grad = initial_state is not None and ctx.needs_input_grad[5]
+        with _on_device(q):
+            ic = intra_chunk_fwd(q, k, v, g, beta, layout, scale, ctx.chunk_size, precision, True)
+            _, _, h, vnew = state_fwd(
+                ic, initial_state, layout, precision, v.dtype,
+                output=False, final_state=False, chunk_states=True,
+            )
+            dh, dvnew, dh0 = state_bwd(ic, do, dht, layout, precision, initial_grad)
+            w, u, ainv = ic.w, ic.u, ic.ainv
+            del ic  # A_qk, Qg, Kg, gC: only the state passes read them
+            dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part = grad_chunk(
+                q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do, layout, scale, precision
+            )
+            del w, u, ainv, h, dh, vnew, dvnew  # the largest buffers, before the outputs exist
+            dq, dk, dg, dbeta = grad_pairwise(
+                q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
+                layout, scale, precision,
+            )
+        if dh0 is not None:
+            dh0 = dh0.to(initial_state.dtype)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+
+
+def chunk_kda_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gated delta rule with per-channel decay, chunkwise in Triton, fp32 inside, differentiable.
+
+    Args:
+        q, k: [B, T, H, K], already L2-normalised over K by the caller (not normalised here).
+        v: [B, T, H, V].
+        g: [B, T, H, K] per-channel log decay (<= 0), any float dtype (fp32 preferred).
+        beta: [B, T, H] write strength, already passed through a sigmoid.
+        scale: multiplies q; defaults to K ** -0.5.
+        initial_state: [N, H, K, V] (computed in fp32) or None for zeros. N = B, or the number of
+            documents when cu_seqlens is given.
+        output_final_state: return the state after the last token of every sequence.
+        cu_seqlens: [N + 1] int32/int64 offsets of packed documents into T (requires B == 1).
+            Every document starts from its own initial_state row and sees no other document.
+        chunk_size: tokens per chunk: 16, 32, 64 or 128. T and the documents need not be
+            multiples of it.
+
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None when
+        output_final_state is False. Gradients reach q, k, v, g, beta and initial_state.
+
+    Needs CUDA tensors (or TRITON_INTERPRET=1 set before this module is imported, for CPU);
+    K and V up to 256.
+    """
+    shapes = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    if type(chunk_size) is not int or chunk_size not in SUPPORTED_CHUNK_SIZES:
+        raise ValueError(
+            f"chunk_size={chunk_size!r}: the triton KDA backend supports "
+            f"{', '.join(map(str, SUPPORTED_CHUNK_SIZES))} (the torch backend takes any size)"
+        )
+    B, T, H, K, V = (
+        shapes.batch, shapes.seq_len, shapes.heads, shapes.head_k_dim, shapes.head_v_dim,
+    )
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dims K={K}, V={V}: the triton KDA backend supports up to {MAX_HEAD_DIM}"
+        )
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(
+            f"the triton KDA backend needs CUDA tensors, got {q.device}; use backend='torch' "
+            "(or set TRITON_INTERPRET=1 before importing it, to run the kernels on CPU)"
+        )
+    if T == 0:  # nothing to run: every sequence is empty
+        if initial_state is None:
+            final = q.new_zeros((shapes.num_seqs, H, K, V), dtype=torch.float32)
+        else:
+            final = initial_state.float()
+        return v.new_zeros(v.shape), (final if output_final_state else None)
+
+    offsets = shapes.offsets if shapes.offsets is not None else [b * T for b in range(B + 1)]
+    layout = chunk_layout(offsets, chunk_size, q.device)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(B * T, *x.shape[2:]).contiguous()
+
+    init = initial_state.contiguous() if initial_state is not None else None
+    o, final = ChunkKDAFunction.apply(
+        flat(q), flat(k), flat(v), flat(g), flat(beta), init, layout, shapes.scale, chunk_size,
+        output_final_state,
+    )
+    return o.view(B, T, H, V), final

@@ -1,0 +1,199 @@
+"""Building blocks shared by the Triton KDA kernels (the algorithm is described in triton_chunk.py).
+
+Memory layout every kernel assumes (all contiguous, T_total = B * T: the batch is flattened into
+one row of sequences, so a batch and packed documents look the same to the kernels):
+    q, k, g, W, Qg, Kg   [T_total, H, K]
+    v, U, U', dU'        [T_total, H, V]
+    beta                 [T_total, H]
+    per-chunk [C, C] matrices (A_qk, A_kk^-1, their gradients) as [T_total, H, C]: row i of a
+    chunk is stored with the chunk's i-th token, so a ragged last chunk takes no extra room.
+    per-chunk states and vectors as [NC, H, K, V] and [NC, H, K] (NC chunks over all sequences).
+Kernels load any float dtype and compute in fp32; everything one kernel hands to the next is fp32.
+A chunk is addressed by its first token t0 and its number n of valid rows (n < C only for the
+last chunk of a sequence). Rows >= n are read as zeros: zero q, k, v, beta and g = 0 (no decay),
+which makes them inert, so they change neither the state nor any valid row.
+
+Decays: every exp() below is of a sum of g's (g <= 0) taken directly from the g's, never of a
+positive number and never of a difference of two prefix sums (which would cancel when a strong
+decay precedes weak ones: g = -20 then -0.001 per token).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+# Sub-chunk length of the intra-chunk decomposition; tl.dot's smallest tile side.
+SUB = 16
+
+# tl.dot input precision of the fp32 tiles (see dot_precision): "tf32x3" (three TF32 products,
+# about fp32 accuracy) for fp32 inputs, "tf32" (10-bit mantissa, finer than bf16 / fp16 inputs)
+# for 16-bit ones. DELTATRON_KDA_DOT_PRECISION overrides both ("ieee": exact fp32 FMA, slow). The
+# interpreter always multiplies in fp32.
+_PRECISIONS = ("tf32x3", "tf32", "ieee", "bf16x3", "bf16x6")
+_PRECISION_OVERRIDE = os.environ.get("DELTATRON_KDA_DOT_PRECISION") or None
+if _PRECISION_OVERRIDE is not None and _PRECISION_OVERRIDE not in _PRECISIONS:
+    raise ValueError(
+        f"DELTATRON_KDA_DOT_PRECISION={_PRECISION_OVERRIDE!r}: choose one of "
+        f"{', '.join(_PRECISIONS)}"
+    )
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the chunks of every sequence lie in the flattened token axis.
+
+    seq_offsets: [N + 1] int32, token offsets of the sequences (cu_seqlens).
+    seq_chunks:  [N + 1] int32, index of every sequence's first chunk (chunks are numbered
+                 sequence by sequence), seq_chunks[N] = num_chunks.
+    chunks:      [num_chunks, 2] int32, (first token, number of valid tokens) of every chunk.
+    """
+
+    seq_offsets: torch.Tensor
+    seq_chunks: torch.Tensor
+    chunks: torch.Tensor
+    num_chunks: int
+
+
+def chunk_layout(offsets: Sequence[int], chunk_size: int, device: torch.device) -> ChunkLayout:
+    """Cut every sequence [offsets[n], offsets[n + 1]) into chunks of chunk_size tokens (the last
+    one ragged); empty sequences get no chunk. Built on the host from Python ints."""
+    if offsets[-1] >= 2**31:
+        raise ValueError(
+            f"{offsets[-1]} tokens in one call: the Triton KDA indexes tokens in int32"
+        )
+    seq_chunks = [0]
+    chunks = []
+    for start, end in zip(offsets, offsets[1:]):
+        for t0 in range(start, end, chunk_size):
+            chunks.append((t0, min(chunk_size, end - t0)))
+        seq_chunks.append(len(chunks))
+    as_int32 = dict(dtype=torch.int32, device=device)
+    return ChunkLayout(
+        seq_offsets=torch.tensor(list(offsets), **as_int32),
+        seq_chunks=torch.tensor(seq_chunks, **as_int32),
+        chunks=torch.tensor(chunks, **as_int32).reshape(-1, 2),
+        num_chunks=len(chunks),
+    )
+
+
+def dot_precision(*dtypes: torch.dtype) -> str:
+    """tl.dot input_precision for a call whose q, k, v have these dtypes: "tf32" when they share
+    one 16-bit dtype (a TF32 product is finer than such inputs), else "tf32x3";
+    DELTATRON_KDA_DOT_PRECISION overrides."""
+    half = dtypes[0] in (torch.bfloat16, torch.float16) and len(set(dtypes)) == 1
+    return _PRECISION_OVERRIDE or ("tf32" if half else "tf32x3")
+
+
+@triton.jit
+def load_rows(ptr, t0, rows, n, stride, cols, ncols):
+    """fp32 tile [len(rows), len(cols)] of a token-major tensor: tile row r is token t0 + rows[r].
+
+    ptr already points at this head's first column; stride is the distance between tokens. Rows
+    with rows[r] >= n and columns >= ncols read 0. Offsets are int64 (T_total * H * K can pass
+    2^31).
+    """
+    offs = (t0 + rows).to(tl.int64)[:, None] * stride + cols[None, :]
+    mask = (rows < n)[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_rows(ptr, value, t0, rows, n, stride, cols, ncols):
+    """Store the tile value [len(rows), len(cols)] where load_rows would read it (valid part only),
+    converted to ptr's element type."""
+    offs = (t0 + rows).to(tl.int64)[:, None] * stride + cols[None, :]
+    mask = (rows < n)[:, None] & (cols < ncols)[None, :]
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_vector(ptr, t0, rows, n, stride):
+    """fp32 [len(rows)]: one value per token (beta), 0 past the valid rows."""
+    offs = (t0 + rows).to(tl.int64) * stride
+    return tl.load(ptr + offs, mask=rows < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_decays(g_ptr, t0, rows, n, stride, cols, ncols):
+    """The chunk's log decays g and g_next [C, BK] fp32, g_next[i] = g[i + 1] (0 past row n - 2).
+
+    Prefix sums are cumsum(g): G[i] = sum_{t <= i} g_t. Suffix sums come from g_next:
+    cumsum(g_next, reverse) [i] = sum_{t > i} g_t, a direct sum, where total - G[i] would cancel.
+    """
+    g = load_rows(g_ptr, t0, rows, n, stride, cols, ncols)
+    g_next = load_rows(g_ptr, t0 + 1, rows, n - 1, stride, cols, ncols)
+    return g, g_next
+
+
+@triton.jit
+def cross_block_decays(g, g_next, b, rows, BC: tl.constexpr):
+    """Decay factors through the boundary after sub-block b (r = its last row), [C, BK] each:
+
+        left[i]  = exp(sum_{r < t <= i} g_t)  for rows i after r, else 0
+        right[j] = exp(sum_{j < t <= r} g_t)  for rows j in sub-block b, else 0
+
+    so left[i] * right[j] = exp(G_i - G_j) for every pair with block(i) > b = block(j), and
+    both exponents are <= 0.
+    """
+    r = b * BC + BC - 1
+    later = (rows > r)[:, None]
+    left = tl.where(later, tl.exp(tl.cumsum(tl.where(later, g, 0.0), 0)), 0.0)
+    in_b = ((rows // BC) == b)[:, None]
+    into_r = tl.cumsum(tl.where(in_b & (rows < r)[:, None], g_next, 0.0), 0, reverse=True)
+    right = tl.where(in_b, tl.exp(into_r), 0.0)
+    return left, right
+
+
+@triton.jit
+def in_block_decay(g, jj, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                   WITH_DIAGONAL: tl.constexpr):
+    """Decay from local column jj of every sub-block to each row of that sub-block, [C, BK]:
+
+        e[i] = exp(sum_{t in block(i), jj < local(t) <= local(i)} g_t)   if local(i) > jj,
+        e[i] = 1 on the diagonal local(i) == jj if WITH_DIAGONAL (else 0), 0 above it,
+
+    i.e. exp(G_i - G_j) for j = block(i) * BC + jj, summed within the block directly.
+    """
+    NS: tl.constexpr = C // BC
+    g3 = tl.reshape(g, [NS, BC, BK])
+    local = tl.arange(0, BC)[None, :, None]
+    since = tl.cumsum(tl.where(local > jj, g3, 0.0), 1)
+    if WITH_DIAGONAL:
+        e3 = tl.where(local >= jj, tl.exp(since), 0.0)
+    else:
+        e3 = tl.where(local > jj, tl.exp(since), 0.0)
+    return tl.reshape(e3, [C, BK])
+
+
+@triton.jit
+def block_diag_gather(a, C: tl.constexpr, BC: tl.constexpr):
+    """[C, C] -> [C, BC]: out[i, c] = a[i, block(i) * BC + c], the diagonal sub-blocks row by
+    row."""
+    NS: tl.constexpr = C // BC
+    rows = tl.arange(0, C)
+    own = (rows // BC)[:, None, None] == tl.arange(0, NS)[None, :, None]
+    return tl.sum(tl.where(own, tl.reshape(a, [C, NS, BC]), 0.0), 1)
+
+
+@triton.jit
+def block_diag_spread(x, C: tl.constexpr, BC: tl.constexpr):
+    """[C, BC] -> [C, C], the inverse of block_diag_gather: x[i, c] lands at column
+    block(i) * BC + c, everything outside the diagonal sub-blocks is 0."""
+    NS: tl.constexpr = C // BC
+    rows = tl.arange(0, C)
+    own = (rows // BC)[:, None, None] == tl.arange(0, NS)[None, :, None]
+    return tl.reshape(tl.where(own, x[:, None, :], 0.0), [C, C])
+
+
+@triton.jit
+def block_row_sums(x, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """[C, BK] -> [C, BK]: every row replaced by the sum of its sub-block's rows."""
+    NS: tl.constexpr = C // BC
+    sums = tl.sum(tl.reshape(x, [NS, BC, BK]), 1)
+    return tl.reshape(tl.broadcast_to(sums[:, None, :], [NS, BC, BK]), [C, BK])

@@ -1,0 +1,149 @@
+"""Compile the Triton KDA kernels for an NVIDIA architecture without launching them (no GPU needed).
+
+For the block sizes and warps the launchers use, this checks that every kernel builds for the
+target and fits its shared memory, and reports ptxas's register and spill counts: the part of
+"does it run on an H100" that a machine without one can answer.
+
+    python -m deltatron.kernels.kda.triton_compile_check --arch 90 --head-dim 128 --chunk 64
+
+Exit status 1 if a kernel fails to compile or asks for more shared memory than the target has.
+TRITON_INTERPRET must be unset when this module is first imported (interpreted kernels do not
+compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from deltatron.kernels.kda.triton_common import SUB, dot_precision
+from deltatron.kernels.kda.triton_grad import _grad_chunk_kernel, _grad_pairwise_kernel, grad_config
+from deltatron.kernels.kda.triton_intra import _intra_fwd_kernel, intra_config
+from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_kernel, state_config
+
+# Largest dynamic shared memory per block (opt-in), bytes.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+# Pointer arguments in the caller's dtype (q, k, v, the output and their gradients); the other
+# pointers are fp32 (g and beta as the model passes them, every intermediate), the tables int32.
+_INPUT_DTYPE_ARGS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
+_INT32_ARGS = {"chunks", "seq_offsets", "seq_chunks"}
+_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str, object, dict]]:
+    """(label, kernel, constexprs and launch options) of every kernel launch a call makes."""
+    prec = dot_precision(dtype, dtype, dtype)
+    shapes = dict(K=K, V=V, C=C, PREC=prec)
+    grad = grad_config(K, V, C)
+    pairwise = {key: val for key, val in grad_config(K, K, C).items() if key != "BV"}
+    return [
+        ("intra (forward)", _intra_fwd_kernel,
+         dict(shapes, BC=SUB, STORE_AINV=False, **intra_config(K, V, C))),
+        ("intra (backward)", _intra_fwd_kernel,
+         dict(shapes, BC=SUB, STORE_AINV=True, **intra_config(K, V, C))),
+        ("state forward, output", _state_fwd_kernel,
+         dict(shapes, HAS_H0=True, STORE_FINAL=True, STORE_O=True, STORE_H=False,
+              **state_config(K, V))),
+        ("state forward, states", _state_fwd_kernel,
+         dict(shapes, HAS_H0=True, STORE_FINAL=False, STORE_O=False, STORE_H=True,
+              **state_config(K, V))),
+        ("state backward", _state_bwd_kernel,
+         dict(shapes, HAS_DHT=True, STORE_DH0=True, **state_config(K, V))),
+        ("grad chunk", _grad_chunk_kernel, dict(shapes, **grad)),
+        ("grad pairwise", _grad_pairwise_kernel,
+         dict({key: val for key, val in shapes.items() if key != "V"}, BC=SUB, **pairwise)),
+    ]
+
+
+def compile_kernel(kernel, params: dict, dtype: torch.dtype, arch: int) -> dict:
+    """Compile one kernel for sm_<arch>; returns shared memory (bytes) and, where ptxas runs,
+    registers and spill-store bytes per thread."""
+    options = {key: params[key] for key in ("num_warps", "num_stages")}
+    constexprs = {key: val for key, val in params.items() if key not in options}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _INT32_ARGS:
+            signature[name] = "*i32"
+        elif name == "H":
+            signature[name] = "i32"
+        elif name == "scale":
+            signature[name] = "fp32"
+        elif name in _INPUT_DTYPE_ARGS:
+            signature[name] = "*" + _TRITON_DTYPE[dtype]
+        else:
+            signature[name] = "*fp32"
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32), options=options,
+    )
+    report = {"shared": compiled.metadata.shared}
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        info = subprocess.run(
+            [ptxas, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    if regs and spill:
+        report.update(registers=int(regs.group(1)), spill_bytes=int(spill.group(1)))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--head-dim", type=int, default=128, help="K = V")
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), action="append",
+                        help="input dtype (repeatable; default bf16 and fp32)")
+    args = parser.parse_args(argv)
+    if type(_intra_fwd_kernel).__name__ == "InterpretedFunction":
+        print("TRITON_INTERPRET is set: the kernels are interpreted, not compiled", file=sys.stderr)
+        return 2
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    limit = SHARED_LIMIT.get(args.arch)
+    ok = True
+    for name in args.dtype or ["bf16", "fp32"]:
+        dtype = dtypes[name]
+        configs = kernel_configs(args.head_dim, args.head_dim, args.chunk, dtype)
+        for label, kernel, params in configs:
+            try:
+                report = compile_kernel(kernel, params, dtype, args.arch)
+            except Exception as exc:  # a compile error is this tool's finding, not its failure
+                print(f"{name:5s} {label:24s} FAILED: {type(exc).__name__}: {exc}")
+                ok = False
+                continue
+            fits = limit is None or report["shared"] <= limit
+            ok &= fits
+            regs = (
+                f" registers={report['registers']} spill={report['spill_bytes']}B"
+                if "registers" in report else ""
+            )
+            print(
+                f"{name:5s} {label:24s} shared={report['shared'] // 1024}KiB"
+                f"{'' if fits else ' (OVER THE LIMIT)'}{regs} warps={params['num_warps']}"
+            )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

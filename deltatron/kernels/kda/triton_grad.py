@@ -1,0 +1,291 @@
+"""Triton KDA, intra-chunk backward: every gradient that needs no sequential pass (one program per
+chunk and head, all chunks in parallel), once the state passes have produced per chunk the state
+S entering it (h), the gradient dS_next of the state leaving it (dh), U' and dU'.
+
+Forward of one chunk (notation of triton_intra.py / triton_state.py; Xk = beta exp(G) K,
+Xv = beta V, L = I + A_kk, A_inv = L^-1):
+    W = A_inv Xk,  U = A_inv Xv,  U' = U - W S,  O = Qg S + A_qk U',  S_next = gC S + Kg^T U'
+Backward, given dO, dS_next, dU' (= A_qk^T dO + Kg dS_next, from the state pass):
+    dA_qk = tril(dO U'^T),   dQg = dO S^T,   dKg = U' dS_next^T,   dgC = rowsum(S * dS_next)
+    dW = -dU' S^T,   dXk = A_inv^T dW,   dXv = A_inv^T dU'   (dU = dU')
+    dA_kk = -strict_tril(dXk W^T + dXv U^T),   dv = beta dXv,
+    dbeta = rowsum(dXk * exp(G) K) + rowsum(dXv * V) + (the A_kk term below)
+Each decayed pair score sum_c x_i[c] y_j[c] exp(G_i[c] - G_j[c]) with gradient dA[i, j] gives
+    dx_i += sum_j dA[i, j] y_j exp(G_i - G_j),  dy_j += sum_i dA[i, j] x_i exp(G_i - G_j)
+and d G_i += x_i * dx_i, d G_j -= y_j * dy_j; the elementwise factors exp(G), exp(Gs), gC add
+their own terms, and dg is the reverse cumulative sum of dG over the chunk (G_i = sum_{t<=i} g_t).
+
+_grad_chunk_kernel (grad_chunk) does everything up to dA_kk (it needs reductions over V and over
+K); _grad_pairwise_kernel (grad_pairwise) then pushes dA_qk and dA_kk through the decayed scores,
+with the same sub-block decomposition as the forward, and finishes dq, dk, dg, dbeta.
+
+Cancellation: d(exp(G_i - G_j)) adds +x to dG_i and -x to dG_j, and the reverse cumsum cancels
+them below j. Terms whose exponent is identically 0 (the diagonal of A_qk, Kg of a chunk's last
+row) would be O(1) on both sides whatever the decay and leave rounding noise larger than a dg that
+strong decays make small, so they are kept out of dG instead of being added and cancelled.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deltatron.kernels.kda.triton_common import (
+    SUB,
+    ChunkLayout,
+    block_diag_gather,
+    block_row_sums,
+    cross_block_decays,
+    in_block_decay,
+    load_decays,
+    load_rows,
+    load_vector,
+    store_rows,
+)
+
+
+@triton.jit
+def _grad_chunk_kernel(
+    q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do,
+    dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, chunks, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Grid (chunks, H). Writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles),
+    and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    rows = tl.arange(0, C)
+    cc = tl.arange(0, C)
+    bt = load_vector(beta + i_h, t0, rows, n, H)
+    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
+
+    # Value side: dA_qk, dXv (-> dv, dbeta, dA_kk), one block of value columns at a time.
+    daq = tl.zeros([C, C], dtype=tl.float32)
+    dak = tl.zeros([C, C], dtype=tl.float32)
+    db = tl.zeros([C], dtype=tl.float32)
+    for iv in range(tl.cdiv(V, BV)):
+        cv = iv * BV + tl.arange(0, BV)
+        do_t = load_rows(do + i_h * V, t0, rows, n, H * V, cv, V)
+        vn = load_rows(vnew + i_h * V, t0, rows, n, H * V, cv, V)
+        dvn = load_rows(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
+        daq += tl.dot(do_t, tl.trans(vn), input_precision=PREC)
+        dxv = tl.dot(tl.trans(a_inv), dvn, input_precision=PREC)
+        store_rows(dv + i_h * V, dxv * bt[:, None], t0, rows, n, H * V, cv, V)
+        db += tl.sum(dxv * load_rows(v + i_h * V, t0, rows, n, H * V, cv, V), 1)
+        u_t = load_rows(u + i_h * V, t0, rows, n, H * V, cv, V)
+        dak -= tl.dot(dxv, tl.trans(u_t), input_precision=PREC)
+    store_rows(daqk + i_h * C, tl.where(rows[:, None] >= cc[None, :], daq, 0.0),
+               t0, rows, n, H * C, cc, C)
+
+    # Key side, one block of key channels at a time: the state products need a sweep over V.
+    chunk_state = (i_c * H + i_h).to(tl.int64) * K * V
+    for ik in range(tl.cdiv(K, BK)):
+        ck = ik * BK + tl.arange(0, BK)
+        dqg = tl.zeros([C, BK], dtype=tl.float32)
+        dw = tl.zeros([C, BK], dtype=tl.float32)
+        dkg = tl.zeros([C, BK], dtype=tl.float32)
+        dgc = tl.zeros([BK], dtype=tl.float32)
+        for iv in range(tl.cdiv(V, BV)):
+            cv = iv * BV + tl.arange(0, BV)
+            state_offs = chunk_state + ck[:, None] * V + cv[None, :]
+            state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+            s = tl.load(h + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+            ds_next = tl.load(dh + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+            do_t = load_rows(do + i_h * V, t0, rows, n, H * V, cv, V)
+            vn = load_rows(vnew + i_h * V, t0, rows, n, H * V, cv, V)
+            dvn = load_rows(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
+            dqg += tl.dot(do_t, tl.trans(s), input_precision=PREC)
+            dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
+            dkg += tl.dot(vn, tl.trans(ds_next), input_precision=PREC)
+            dgc += tl.sum(s * ds_next, 1)
+        g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
+        decay_in = tl.exp(tl.cumsum(g_t, 0))  # exp(G)
+        decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))  # exp(Gs)
+        qt = load_rows(q + i_h * K, t0, rows, n, H * K, ck, K)
+        kt = load_rows(k + i_h * K, t0, rows, n, H * K, ck, K)
+        qg = qt * decay_in * scale
+        kb = kt * decay_in
+        kg = kt * decay_out
+        dxk = tl.dot(tl.trans(a_inv), dw, input_precision=PREC)
+        w_t = load_rows(w + i_h * K, t0, rows, n, H * K, ck, K)
+        dak -= tl.dot(dxk, tl.trans(w_t), input_precision=PREC)
+        db += tl.sum(dxk * kb, 1)
+        dkb = dxk * bt[:, None]
+        store_rows(dq_part + i_h * K, dqg * decay_in * scale, t0, rows, n, H * K, ck, K)
+        store_rows(dk_part + i_h * K, dkb * decay_in + dkg * decay_out, t0, rows, n, H * K, ck, K)
+        # Kg_j = k_j exp(G_C - G_j) and gC = exp(G_C) depend on the chunk total G_C, a prefix sum
+        # of the last row: its gradient joins dG there and the reverse cumsum hands it to every
+        # row. The last row's own Kg = k exp(0) depends on no g, so its term is left out of both
+        # sides rather than added and cancelled (an O(1) term whose rounding would swamp a small
+        # dg under strong decay).
+        kg_term = tl.where((rows < n - 1)[:, None], dkg * kg, 0.0)
+        d_total = tl.sum(kg_term, 0) + dgc * tl.exp(tl.sum(g_t, 0))
+        dg_t = dqg * qg + dkb * kb - kg_term
+        dg_t += tl.where((rows == n - 1)[:, None], d_total[None, :], 0.0)
+        store_rows(dg_part + i_h * K, dg_t, t0, rows, n, H * K, ck, K)
+    store_rows(dakk + i_h * C, tl.where(rows[:, None] > cc[None, :], dak, 0.0),
+               t0, rows, n, H * C, cc, C)
+    tl.store(dbeta_part + (t0 + rows).to(tl.int64) * H + i_h, db, mask=rows < n)
+
+
+@triton.jit
+def _grad_pairwise_kernel(
+    q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
+    dq, dk, dg, dbeta, chunks, scale, H,
+    K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (chunks, H). Adds the decayed-score terms of dA_qk (scores scale*q_i . k_j) and dA_kk
+    (scores beta_i k_i . k_j) to the parts from _grad_chunk_kernel; writes dq, dk, dg, dbeta."""
+    NS: tl.constexpr = C // BC
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    rows = tl.arange(0, C)
+    cc = tl.arange(0, C)
+    sub_cols = tl.arange(0, BC)
+    local = rows % BC
+    first_of_block = (rows // BC) * BC
+    bt = load_vector(beta + i_h, t0, rows, n, H)
+    daq = load_rows(daqk + i_h * C, t0, rows, n, H * C, cc, C)
+    dak = load_rows(dakk + i_h * C, t0, rows, n, H * C, cc, C)
+    daq_diag = block_diag_gather(daq, C, BC)  # [C, BC]: the diagonal sub-blocks row by row
+    dak_diag = block_diag_gather(dak, C, BC)
+    # dA_qk[i, i]: the pair (i, i) has no decay (exp(0)), so it feeds dq and dk but not dg; it is
+    # kept out of the dG sums, where it would be added and cancelled.
+    daq_ii = tl.sum(tl.where(sub_cols[None, :] == local[:, None], daq_diag, 0.0), 1)[:, None]
+    db = load_vector(dbeta_part + i_h, t0, rows, n, H)
+    for ik in range(tl.cdiv(K, BK)):
+        ck = ik * BK + tl.arange(0, BK)
+        qt = load_rows(q + i_h * K, t0, rows, n, H * K, ck, K) * scale
+        kt = load_rows(k + i_h * K, t0, rows, n, H * K, ck, K)
+        g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
+        kbt = kt * bt[:, None]
+        # Pairs j < i only (the diagonal of A_qk is added at the end):
+        dqa = tl.zeros([C, BK], dtype=tl.float32)  # row side of A_qk (w.r.t. scale * q)
+        dkr = tl.zeros([C, BK], dtype=tl.float32)  # row side of A_kk, before beta_i
+        dkc = tl.zeros([C, BK], dtype=tl.float32)  # column side of A_qk and A_kk
+        for b in tl.static_range(NS - 1):
+            left, right = cross_block_decays(g_t, g_next, b, rows, BC)
+            kr = kt * right
+            dqa += left * tl.dot(daq, kr, input_precision=PREC)
+            dkr += left * tl.dot(dak, kr, input_precision=PREC)
+            col = tl.dot(tl.trans(daq), qt * left, input_precision=PREC)
+            col += tl.dot(tl.trans(dak), kbt * left, input_precision=PREC)
+            dkc += right * col
+        for jj in range(BC):
+            decay = in_block_decay(g_t, jj, C, BC, BK, False)  # pairs j < i only
+            at_jj = sub_cols[None, :] == jj
+            aq = tl.sum(tl.where(at_jj, daq_diag, 0.0), 1)[:, None]  # dA_qk[i, block(i)*BC + jj]
+            ak = tl.sum(tl.where(at_jj, dak_diag, 0.0), 1)[:, None]
+            k_col = decay * load_rows(k + i_h * K, t0, first_of_block + jj, n, H * K, ck, K)
+            dqa += aq * k_col
+            dkr += ak * k_col
+            col = block_row_sums((aq * qt + ak * kbt) * decay, C, BC, BK)
+            dkc += tl.where((local == jj)[:, None], col, 0.0)
+        dq_t = load_rows(dq_part + i_h * K, t0, rows, n, H * K, ck, K)
+        dq_t += (dqa + daq_ii * kt) * scale
+        dk_t = load_rows(dk_part + i_h * K, t0, rows, n, H * K, ck, K)
+        dk_t += dkr * bt[:, None] + dkc + daq_ii * qt
+        dgpos = load_rows(dg_part + i_h * K, t0, rows, n, H * K, ck, K)
+        dgpos += qt * dqa + kbt * dkr - kt * dkc
+        db += tl.sum(kt * dkr, 1)
+        store_rows(dq + i_h * K, dq_t, t0, rows, n, H * K, ck, K)
+        store_rows(dk + i_h * K, dk_t, t0, rows, n, H * K, ck, K)
+        store_rows(dg + i_h * K, tl.cumsum(dgpos, 0, reverse=True), t0, rows, n, H * K, ck, K)
+    tl.store(dbeta + (t0 + rows).to(tl.int64) * H + i_h, db.to(dbeta.dtype.element_ty),
+             mask=rows < n)
+
+
+def grad_config(K: int, V: int, C: int) -> dict:
+    """Block sizes and warps of both kernels: key channels and value columns 32 at a time, 8 warps
+    from C = 64 on (at K = V = 128, C = 64 that keeps sm_90 register spills small with tf32
+    products; see triton_compile_check.py)."""
+    return dict(
+        BK=min(32, max(16, triton.next_power_of_2(K))),
+        BV=min(32, max(16, triton.next_power_of_2(V))),
+        num_warps=8 if C >= 64 else 4,
+        num_stages=1,
+    )
+
+
+def grad_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    ainv: torch.Tensor,
+    h: torch.Tensor,
+    dh: torch.Tensor,
+    vnew: torch.Tensor,
+    dvnew: torch.Tensor,
+    do: torch.Tensor,
+    layout: ChunkLayout,
+    scale: float,
+    precision: str,
+) -> tuple[torch.Tensor, ...]:
+    """First backward stage, from the recomputed intra-chunk pass (W [T_total, H, K], U
+    [T_total, H, V], A_inv [T_total, H, C]) and the state passes (h, dh [NC, H, K, V], U' = vnew
+    and dU' = dvnew [T_total, H, V]), all fp32.
+
+    q, k, g: [T_total, H, K]; v, do: [T_total, H, V]; beta: [T_total, H]. Returns dv (v's dtype),
+    dA_qk and dA_kk [T_total, H, C], and the elementwise parts of dq, dk, dG (before its reverse
+    cumsum) [T_total, H, K] and of dbeta [T_total, H], fp32, for grad_pairwise.
+    """
+    T, H, K = q.shape
+    V = v.shape[-1]
+    C = ainv.shape[-1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(v)
+    daqk = torch.empty((T, H, C), **f32)
+    dakk = torch.empty((T, H, C), **f32)
+    dq_part = torch.empty((T, H, K), **f32)
+    dk_part = torch.empty((T, H, K), **f32)
+    dg_part = torch.empty((T, H, K), **f32)
+    dbeta_part = torch.empty((T, H), **f32)
+    _grad_chunk_kernel[(layout.num_chunks, H)](
+        q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do,
+        dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, layout.chunks, scale, H,
+        K=K, V=V, C=C, PREC=precision, **grad_config(K, V, C),
+    )
+    return dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part
+
+
+def grad_pairwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    daqk: torch.Tensor,
+    dakk: torch.Tensor,
+    dq_part: torch.Tensor,
+    dk_part: torch.Tensor,
+    dg_part: torch.Tensor,
+    dbeta_part: torch.Tensor,
+    layout: ChunkLayout,
+    scale: float,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second backward stage: the decayed-score terms, added to grad_chunk's parts (shapes
+    there). Returns dq, dk, dg, dbeta in the dtypes of q, k, g, beta."""
+    T, H, K = q.shape
+    C = daqk.shape[-1]
+    cfg = grad_config(K, K, C)
+    del cfg["BV"]  # the pairwise kernel has no value columns
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dg = torch.empty_like(g)
+    dbeta = torch.empty_like(beta)
+    _grad_pairwise_kernel[(layout.num_chunks, H)](
+        q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
+        dq, dk, dg, dbeta, layout.chunks, scale, H,
+        K=K, C=C, BC=SUB, PREC=precision, **cfg,
+    )
+    return dq, dk, dg, dbeta

@@ -1,0 +1,226 @@
+"""Triton KDA, intra-chunk forward: decayed scores, the UT transform and W, U (one program per chunk
+and head, all chunks in parallel).
+
+Per chunk of C tokens, with G_i = sum_{t <= i} g_t (chunk-local, per channel):
+    A_kk[i, j] = beta_i sum_c k_i k_j exp(G_i - G_j)      j < i
+    A_qk[i, j] =        sum_c q_i k_j exp(G_i - G_j)      j <= i   (q already scaled)
+    A_inv = (I + A_kk)^-1,   W = A_inv Diag(beta) (exp(G) * K),   U = A_inv Diag(beta) V
+and the decay factors of the state passes: Qg = scale * q * exp(G), Kg = k * exp(Gs) (Gs_i the sum
+of g after token i), gC = exp(G_C) (the chunk total). Layouts in triton_common.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from deltatron.kernels.kda.triton_common import (
+    SUB,
+    ChunkLayout,
+    block_diag_gather,
+    block_diag_spread,
+    cross_block_decays,
+    in_block_decay,
+    load_decays,
+    load_rows,
+    load_vector,
+    store_rows,
+)
+
+
+@triton.jit
+def intra_scores(
+    q_ptr, k_ptr, g_ptr, t0, n, stride, scale,
+    K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Decayed scores of one chunk, without beta: (kk, qk), fp32 [C, C] each, zero above the
+    diagonal; kk[i, j] = sum_c k_i k_j exp(G_i - G_j) for j < i, qk the same with scale * q_i for
+    j <= i. Pointers are at this head's column 0; channels are processed BK at a time.
+
+    Pairs in different sub-blocks of BC tokens go through a boundary between them (one [C, C]
+    product per boundary, cross_block_decays); pairs inside a sub-block are formed column by
+    column with their own direct decay sums (in_block_decay), gathered as [C, BC] and spread to
+    the diagonal sub-blocks at the end.
+    """
+    NS: tl.constexpr = C // BC
+    rows = tl.arange(0, C)
+    sub_cols = tl.arange(0, BC)
+    first_of_block = (rows // BC) * BC
+    kk = tl.zeros([C, C], dtype=tl.float32)
+    qk = tl.zeros([C, C], dtype=tl.float32)
+    kk_diag = tl.zeros([C, BC], dtype=tl.float32)  # kk[i, block(i) * BC + c]
+    qk_diag = tl.zeros([C, BC], dtype=tl.float32)
+    for ik in range(tl.cdiv(K, BK)):
+        cols = ik * BK + tl.arange(0, BK)
+        qt = load_rows(q_ptr, t0, rows, n, stride, cols, K) * scale
+        kt = load_rows(k_ptr, t0, rows, n, stride, cols, K)
+        g, g_next = load_decays(g_ptr, t0, rows, n, stride, cols, K)
+        for b in tl.static_range(NS - 1):
+            left, right = cross_block_decays(g, g_next, b, rows, BC)
+            k_right = tl.trans(kt * right)
+            kk += tl.dot(kt * left, k_right, input_precision=PREC)
+            qk += tl.dot(qt * left, k_right, input_precision=PREC)
+        for jj in range(BC):
+            decay = in_block_decay(g, jj, C, BC, BK, True)
+            k_col = decay * load_rows(k_ptr, t0, first_of_block + jj, n, stride, cols, K)
+            at_jj = sub_cols[None, :] == jj
+            kk_diag += tl.where(at_jj, tl.sum(kt * k_col, 1)[:, None], 0.0)
+            qk_diag += tl.where(at_jj, tl.sum(qt * k_col, 1)[:, None], 0.0)
+    local = (rows % BC)[:, None]
+    kk += block_diag_spread(tl.where(sub_cols[None, :] < local, kk_diag, 0.0), C, BC)
+    qk += block_diag_spread(tl.where(sub_cols[None, :] <= local, qk_diag, 0.0), C, BC)
+    return kk, qk
+
+
+@triton.jit
+def unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower triangular fp32 [C, C].
+
+    The diagonal BC x BC blocks are inverted by forward substitution (all blocks at once, one
+    row per step); with D = their block-diagonal inverse and N = D a_off (a_off: a outside the
+    diagonal blocks, strictly block-lower, so N^(C/BC) = 0):
+        (I + a)^-1 = (I + N)^-1 D = (I - N + N^2 - ...) D,   evaluated by Horner.
+    """
+    NS: tl.constexpr = C // BC
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    diag3 = tl.reshape(block_diag_gather(a, C, BC), [NS, BC, BC])  # [block, row, col]
+    r3 = tl.arange(0, BC)[None, :, None]
+    c3 = tl.arange(0, BC)[None, None, :]
+    inv3 = tl.where(r3 == c3, 1.0, 0.0) + tl.zeros([NS, BC, BC], dtype=tl.float32)
+    for i in range(1, BC):
+        a_i = tl.sum(tl.where(r3 == i, diag3, 0.0), 1)  # [NS, BC]: row i of every block
+        inv3 = tl.where(r3 == i, inv3 - tl.sum(a_i[:, :, None] * inv3, 1)[:, None, :], inv3)
+    inv = block_diag_spread(tl.reshape(inv3, [C, BC]), C, BC)
+    if NS > 1:
+        off = tl.where((rows // BC)[:, None] > (cols // BC)[None, :], a, 0.0)
+        nil = tl.dot(inv, off, input_precision=PREC)
+        eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+        series = eye
+        for _ in tl.static_range(NS - 1):
+            series = eye - tl.dot(nil, series, input_precision=PREC)
+        inv = tl.dot(series, inv, input_precision=PREC)
+    return inv
+
+
+@triton.jit
+def _intra_fwd_kernel(
+    q, k, v, g, beta, aqk, w, u, qg, kg, gc, ainv, chunks, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (chunks, H). Writes A_qk (and A_inv if STORE_AINV) [T_total, H, C], W, Qg, Kg
+    [T_total, H, K], U [T_total, H, V] and gC [NC, H, K]."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    rows = tl.arange(0, C)
+    cc = tl.arange(0, C)
+
+    kk, qk = intra_scores(
+        q + i_h * K, k + i_h * K, g + i_h * K, t0, n, H * K, scale, K, C, BC, BK, PREC
+    )
+    store_rows(aqk + i_h * C, qk, t0, rows, n, H * C, cc, C)
+    bt = load_vector(beta + i_h, t0, rows, n, H)
+    a_inv = unit_lower_inverse(kk * bt[:, None], C, BC, PREC)
+    if STORE_AINV:
+        store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
+
+    # The decay factors the state passes need, so that their sequential loops do no scans.
+    for ik in range(tl.cdiv(K, BK)):
+        cols = ik * BK + tl.arange(0, BK)
+        kt = load_rows(k + i_h * K, t0, rows, n, H * K, cols, K)
+        g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, cols, K)
+        decay_in = tl.exp(tl.cumsum(g_t, 0))  # exp(G)
+        x = kt * decay_in * bt[:, None]
+        store_rows(w + i_h * K, tl.dot(a_inv, x, input_precision=PREC), t0, rows, n, H * K, cols, K)
+        qt = load_rows(q + i_h * K, t0, rows, n, H * K, cols, K)
+        store_rows(qg + i_h * K, qt * decay_in * scale, t0, rows, n, H * K, cols, K)
+        decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))  # exp(Gs)
+        store_rows(kg + i_h * K, kt * decay_out, t0, rows, n, H * K, cols, K)
+        gc_offs = (i_c * H + i_h).to(tl.int64) * K + cols
+        tl.store(gc + gc_offs, tl.exp(tl.sum(g_t, 0)), mask=cols < K)
+    for iv in range(tl.cdiv(V, BV)):
+        cols = iv * BV + tl.arange(0, BV)
+        x = load_rows(v + i_h * V, t0, rows, n, H * V, cols, V) * bt[:, None]
+        store_rows(u + i_h * V, tl.dot(a_inv, x, input_precision=PREC), t0, rows, n, H * V, cols, V)
+
+
+def intra_config(K: int, V: int, C: int) -> dict:
+    """Block sizes and warps of _intra_fwd_kernel: key channels 32 and value columns 64 at a time,
+    8 warps from C = 64 on (at K = 128, C = 64 that keeps sm_90 register spills near zero with
+    tf32 products; see triton_compile_check.py)."""
+    return dict(
+        BK=min(32, max(16, triton.next_power_of_2(K))),
+        BV=min(64, max(16, triton.next_power_of_2(V))),
+        num_warps=8 if C >= 64 else 4,
+        num_stages=1,
+    )
+
+
+@dataclass
+class IntraChunk:
+    """What the intra-chunk pass leaves for the state passes and the backward.
+
+    aqk:  [T_total, H, C]  A_qk (scores of scaled q against k, lower triangle)
+    w:    [T_total, H, K]  W = A_inv Diag(beta) (exp(G) * K)
+    u:    [T_total, H, V]  U = A_inv Diag(beta) V
+    qg:   [T_total, H, K]  scale * q * exp(G)
+    kg:   [T_total, H, K]  k * exp(Gs)
+    gc:   [NC, H, K]       exp(G_C), the decay over the whole chunk
+    ainv: [T_total, H, C]  A_inv = (I + A_kk)^-1; None unless asked for
+    all fp32.
+    """
+
+    aqk: torch.Tensor
+    w: torch.Tensor
+    u: torch.Tensor
+    qg: torch.Tensor
+    kg: torch.Tensor
+    gc: torch.Tensor
+    ainv: Optional[torch.Tensor]
+
+
+def intra_chunk_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    layout: ChunkLayout,
+    scale: float,
+    chunk_size: int,
+    precision: str,
+    store_ainv: bool,
+) -> IntraChunk:
+    """Intra-chunk pass over every chunk of every sequence, all chunks in parallel.
+
+    q, k, g: [T_total, H, K]; v: [T_total, H, V]; beta: [T_total, H] (contiguous); precision:
+    tl.dot input_precision.
+    """
+    T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out = IntraChunk(
+        aqk=torch.empty((T, H, C), **f32),
+        w=torch.empty((T, H, K), **f32),
+        u=torch.empty((T, H, V), **f32),
+        qg=torch.empty((T, H, K), **f32),
+        kg=torch.empty((T, H, K), **f32),
+        gc=torch.empty((layout.num_chunks, H, K), **f32),
+        ainv=torch.empty((T, H, C), **f32) if store_ainv else None,
+    )
+    cfg = intra_config(K, V, C)
+    _intra_fwd_kernel[(layout.num_chunks, H)](
+        q, k, v, g, beta, out.aqk, out.w, out.u, out.qg, out.kg, out.gc,
+        out.ainv if store_ainv else out.aqk,  # never written through without STORE_AINV
+        layout.chunks, scale, H,
+        K=K, V=V, C=C, BC=SUB, STORE_AINV=store_ainv, PREC=precision, **cfg,
+    )
+    return out
