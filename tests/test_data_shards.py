@@ -145,15 +145,21 @@ def test_tokenizer_directory_with_its_eos_token(env, tmp_path):
     assert TokenDataset(str(tmp_path / "out")).document(0)[-1] == 1
 
 
-def test_parquet_without_pyarrow_says_to_install_it(env, tmp_path):
+def test_parquet_input(env, tmp_path):
+    """Without pyarrow (not a dependency): a clear error. With it: the same shards as jsonl."""
     try:
-        import pyarrow  # noqa: F401
-        pytest.skip("pyarrow is installed")
+        import pyarrow
+        import pyarrow.parquet as pq
     except ImportError:
-        pass
-    (tmp_path / "x.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match=r"x\.parquet: reading parquet needs pyarrow.*pip install pyarrow"):
-        _run(tmp_path / "out", [tmp_path / "x.parquet"], env["tok"])
+        (tmp_path / "x.parquet").write_bytes(b"PAR1")
+        with pytest.raises(ValueError, match=r"x\.parquet: reading parquet needs pyarrow.*pip install pyarrow"):
+            _run(tmp_path / "out", [tmp_path / "x.parquet"], env["tok"])
+        return
+    pq.write_table(pyarrow.table({"id": list(range(120)), "body": env["a"]}), tmp_path / "a.parquet", row_group_size=50)
+    got = _run(tmp_path / "pq", [tmp_path / "a.parquet"], env["tok"], field="body", max_shard_tokens=300, batch_size=16)
+    assert [s.bin_sha256 for s in got.manifest.shards] == [s.bin_sha256 for s in TokenDataset(env["ds_a"]).manifest.shards]
+    with pytest.raises(ValueError, match=r"a\.parquet: no column 'text' \(columns: id, body\)"):
+        _run(tmp_path / "pq2", [tmp_path / "a.parquet"], env["tok"])
 
 
 def test_restart_skips_finished_shards_and_refuses_other_settings(env, tmp_path):
