@@ -106,10 +106,14 @@ class Trainer:
                 dp_size=self.dp_size, vocab_size=cfg.model.vocab_size,
             )
         self.data = data
+        # AdamW on GPUs: megatron-core's distributed optimizer (ZeRO-1; with one data-parallel
+        # rank it holds the same state as the plain one, so every GPU run takes one path). It
+        # refuses CPU tensors. MuonClip shards its own state over whole matrices: DDP all-reduces
+        # its gradients.
+        self.distributed_optimizer = torch.cuda.is_available() and cfg.optim.name == "adamw"
         self.model = self._build_model_chunks()
         self.optimizer = build_optimizer(
-            self.model, cfg.optim, bf16=self.precision == "bf16",
-            distributed=self.dp_size > 1 and torch.cuda.is_available(),
+            self.model, cfg.optim, bf16=self.precision == "bf16", distributed=self.distributed_optimizer,
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, train.steps)
         tc = self.model[0].config
@@ -175,15 +179,11 @@ class Trainer:
             if bf16:
                 model = Float16Module(model.config, model)
                 keep_fp32_parameters(model)
-            # MuonClip shards its own state over whole matrices: DDP all-reduces its gradients
-            distributed_optimizer = (
-                self.dp_size > 1 and torch.cuda.is_available() and self.cfg.optim.name == "adamw"
-            )
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=par.overlap_grad_reduce,
-                overlap_param_gather=par.overlap_param_gather and distributed_optimizer,
-                use_distributed_optimizer=distributed_optimizer,
+                overlap_param_gather=par.overlap_param_gather and self.distributed_optimizer,
+                use_distributed_optimizer=self.distributed_optimizer,
             )
             ddp = DistributedDataParallel(
                 config=model.config, ddp_config=ddp_config, module=model,
@@ -279,7 +279,8 @@ class Trainer:
                     f"({counts['active_no_embedding'] / 1e6:.2f}M without embeddings); "
                     f"{local / 1e6:.2f}M on this rank",
                     f"layout: {self.cfg.parallel.describe(self.world_size)}, precision {self.precision}, "
-                    f"device {self.device.type}, layers {self.cfg.model.layer_pattern()}",
+                    f"device {self.device.type}, layers {self.cfg.model.layer_pattern()}, optimizer "
+                    f"{self.cfg.optim.name}{' (megatron-core distributed optimizer)' if self.distributed_optimizer else ''}",
                     f"batch: {self.cfg.train.global_batch_size} x {self.seq_length} = "
                     f"{self.tokens_per_step} tokens per step, {self.num_microbatches} micro-batches of "
                     f"{self.cfg.train.micro_batch_size}, documents "
