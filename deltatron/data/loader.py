@@ -136,7 +136,7 @@ class CorpusData:
     def describe(self) -> str:
         names = ", ".join(
             f"{e.weight:g} x {os.path.basename(os.path.normpath(e.path))} ({d.data.manifest.tokens:,} tokens, "
-            f"{len(d.data.shards)} shards)"
+            f"{len(d.data.shards)} shard{'' if len(d.data.shards) == 1 else 's'})"
             for e, d in zip(self.entries, self.train)
         )
         return (

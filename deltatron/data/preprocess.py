@@ -355,7 +355,8 @@ def main(argv=None) -> int:
     status = ("up to date, nothing written" if result.up_to_date
               else f"{result.written} shards written, {result.reused} kept")
     print(f"{len(m.inputs)} inputs: {m.documents:,} documents, {m.tokens:,} tokens ({m.settings.dtype}) "
-          f"-> {result.directory} ({len(m.shards)} shards; {status}; {time.time() - start:.1f} s)")
+          f"-> {result.directory} ({len(m.shards)} shard{'' if len(m.shards) == 1 else 's'}; {status}; "
+          f"{time.time() - start:.1f} s)")
     return 0
 
 
