@@ -275,7 +275,7 @@ def test_resume_mid_epoch_gives_the_identical_next_batches(env):
         runs = [_data(env, blend, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
         iters = [r.train_batches() for r in runs]
         for it in iters:
-            _take(it, 37)  # past the end of dataset b's first epoch
+            _take(it, 90)  # into a later epoch of both datasets, mid-epoch (105 and 67 samples each)
         states = [r.state_dict() for r in runs]
         assert all(s == states[0] for s in states)  # one global cursor, the same on every rank
         expected = [_take(it, 10) for it in iters]
