@@ -201,16 +201,13 @@ class MuonClipOptimizer:
                 grids.append(e.grid)
         for grid in grids:
             updates.update(self._orthogonalised_updates(grid))
-        for e in self.entries:
-            if e.owned:
-                if e.spec.optimizer == "muon":
-                    self._apply_muon(e, updates)
-                else:
-                    self._apply_adamw(e)
+        owned = [e for e in self.entries if e.owned]
+        self._apply_muon([e for e in owned if e.spec.optimizer == "muon"], updates)
+        self._apply_adamw([e for e in owned if e.spec.optimizer == "adamw"])
         self.metrics = self._apply_qk_clip() if self.qk_clip is not None else {}
-        for e in self.entries:
-            if e.owned and e.separate_master:
-                e.param.data.copy_(e.master)
+        separate = [e for e in owned if e.separate_master]
+        if separate:
+            torch._foreach_copy_([e.param.data for e in separate], [e.master for e in separate])
         for grid in grids:
             by_owner = [[] for _ in range(grid.dp_size)]
             for e in self.entries:
@@ -240,8 +237,7 @@ class MuonClipOptimizer:
         if self.cfg.clip_grad > 0:
             coeff = self.cfg.clip_grad / (norm + 1e-6)
             if coeff < 1.0:
-                for e in self.entries:
-                    e.grad().mul_(coeff)
+                torch._foreach_mul_([e.grad() for e in self.entries], coeff)
         return norm
 
     def _orthogonalised_updates(self, grid: Grid) -> dict[str, torch.Tensor]:
@@ -249,14 +245,18 @@ class MuonClipOptimizer:
         owned by this replica, keyed by block. Collective over the grid's TP group."""
         mu, nesterov = self.cfg.muon_momentum, self.cfg.muon_nesterov
         owned = [e for e in self.entries if e.grid is grid and e.owned and e.spec.optimizer == "muon"]
-        directions: dict[str, torch.Tensor] = {}
+        keys, pieces, momenta = [], [], []
         for e in owned:
             g = e.grad()
             for b in e.blocks:
-                piece = b.block.take(g)
-                m = e.state["momentum"][b.key]
-                m.mul_(mu).add_(piece)
-                directions[b.key] = piece.add(m, alpha=mu) if nesterov else m
+                keys.append(b.key)
+                pieces.append(b.block.take(g))
+                momenta.append(e.state["momentum"][b.key])
+        if momenta:  # one multi-tensor kernel per operation rather than one per matrix
+            torch._foreach_mul_(momenta, mu)
+            torch._foreach_add_(momenta, pieces)
+        dirs = torch._foreach_add(pieces, momenta, alpha=mu) if nesterov and momenta else momenta
+        directions: dict[str, torch.Tensor] = dict(zip(keys, dirs))
         by_owner = [[b for e in owned for b in e.blocks if b.owner_tp == t] for t in range(grid.tp_size)]
         if not any(by_owner):
             return {}  # every rank of this TP group sees the same (empty) plan
@@ -301,29 +301,51 @@ class MuonClipOptimizer:
                 out[i] = o
         return out
 
-    def _apply_muon(self, e: _Entry, updates: dict[str, torch.Tensor]) -> None:
-        lr, wd = e.group["lr"], e.group["weight_decay"]
-        e.master.mul_(1.0 - lr * wd)
-        for b in e.blocks:
-            step = updates[b.key].float()
-            alpha = -lr * muon_update_scale(b.full_shape, self.cfg.muon_rms_scale)
-            if b.block.rows is None:
-                e.master.add_(step, alpha=alpha)
-            else:
-                e.master.index_add_(0, b.block.rows, step, alpha=alpha)
+    @staticmethod
+    def _by_rate(entries: list[_Entry]) -> dict[tuple[float, float], list[_Entry]]:
+        """Entries grouped by their param group's (lr, weight decay), as the scheduler set them."""
+        groups: dict[tuple[float, float], list[_Entry]] = {}
+        for e in entries:
+            groups.setdefault((e.group["lr"], e.group["weight_decay"]), []).append(e)
+        return groups
 
-    def _apply_adamw(self, e: _Entry) -> None:
+    def _apply_muon(self, entries: list[_Entry], updates: dict[str, torch.Tensor]) -> None:
+        """W <- W (1 - lr wd) - lr * scale(A, B) * O for every owned Muon matrix."""
+        for (lr, wd), group in self._by_rate(entries).items():
+            torch._foreach_mul_([e.master for e in group], 1.0 - lr * wd)
+            whole, steps, alphas = [], [], []
+            for e in group:
+                for b in e.blocks:
+                    alpha = -lr * muon_update_scale(b.full_shape, self.cfg.muon_rms_scale)
+                    step = updates[b.key].float()
+                    if b.block.rows is None:
+                        whole.append(e.master)
+                        steps.append(step)
+                        alphas.append(alpha)
+                    else:
+                        e.master.index_add_(0, b.block.rows, step, alpha=alpha)
+            if whole:
+                torch._foreach_mul_(steps, alphas)
+                torch._foreach_add_(whole, steps)
+
+    def _apply_adamw(self, entries: list[_Entry]) -> None:
+        """torch's AdamW update (decoupled weight decay, bias-corrected moments)."""
         cfg = self.cfg
-        lr, wd = e.group["lr"], e.group["weight_decay"]
-        g = e.grad().float()
-        m, v = e.state["exp_avg"], e.state["exp_avg_sq"]
-        m.lerp_(g, 1.0 - cfg.beta1)
-        v.mul_(cfg.beta2).addcmul_(g, g, value=1.0 - cfg.beta2)
         bias1 = 1.0 - cfg.beta1**self.steps
         bias2 = 1.0 - cfg.beta2**self.steps
-        e.master.mul_(1.0 - lr * wd)
-        denom = (v.sqrt() / math.sqrt(bias2)).add_(cfg.eps)
-        e.master.addcdiv_(m, denom, value=-lr / bias1)
+        for (lr, wd), group in self._by_rate(entries).items():
+            masters = [e.master for e in group]
+            grads = [e.grad().float() for e in group]
+            m = [e.state["exp_avg"] for e in group]
+            v = [e.state["exp_avg_sq"] for e in group]
+            torch._foreach_lerp_(m, grads, 1.0 - cfg.beta1)
+            torch._foreach_mul_(v, cfg.beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1.0 - cfg.beta2)
+            torch._foreach_mul_(masters, 1.0 - lr * wd)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(bias2))
+            torch._foreach_add_(denom, cfg.eps)
+            torch._foreach_addcdiv_(masters, m, denom, value=-lr / bias1)
 
     def _apply_qk_clip(self) -> dict[str, float]:
         clips = self.qk_clip.factors()

@@ -1,0 +1,156 @@
+"""MuonClip vs AdamW: optimizer step time, its share of the iteration, and the loss after N steps.
+
+    python bench/muonclip.py [--steps N] [--warmup W] [--nproc GPUS] [hydra overrides ...]
+
+Trains the same model (default: the proxy preset, bf16 on GPU) for N steps with each optimizer on
+the same data, timing every optimizer.step() and every whole iteration (CUDA-synchronised), and
+writes bench/results/muonclip_<device>.json with "iteration_ms", "muonclip_step_ms",
+"adamw_step_ms", "adamw_iteration_ms" (means over the steps after the first W) and both losses.
+Each optimizer runs in its own process (under torchrun with --nproc N > 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from deltatron.train.__main__ import conf_dir, to_run_config
+    from deltatron.train.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return to_run_config(compose(config_name="config", overrides=overrides))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """Train `steps` steps with `optimizer`; per-step timings and losses."""
+    from deltatron.train.trainer import Trainer
+
+    cfg, resolved = _config([f"optim={optimizer}", f"train.steps={steps}", *overrides])
+    trainer = Trainer(cfg, resolved)
+    step_ms: list[float] = []
+    inner = trainer.optimizer.step
+
+    def timed_step():
+        _sync()
+        start = time.perf_counter()
+        out = inner()
+        _sync()
+        step_ms.append(1e3 * (time.perf_counter() - start))
+        return out
+
+    trainer.optimizer.step = timed_step
+    it = trainer.data.train_batches()
+    iteration_ms, losses, metrics = [], [], {}
+    for _ in range(steps):
+        batches = [next(it) for _ in range(trainer.num_microbatches)]
+        _sync()
+        start = time.perf_counter()
+        out = trainer.train_step(batches)
+        _sync()
+        iteration_ms.append(1e3 * (time.perf_counter() - start))
+        losses.append(out["loss"])
+        metrics = out.get("optim_metrics", {})
+    timed = slice(warmup, None)
+    return {
+        "step_ms": statistics.mean(step_ms[timed]),
+        "iteration_ms": statistics.mean(iteration_ms[timed]),
+        "losses": losses,
+        "last_qk_clip": metrics,
+    }
+
+
+def _child(args, overrides: list[str]) -> None:
+    """One optimizer's run in this process (under torchrun for several GPUs)."""
+    result = run(args.only, overrides, args.steps, args.warmup)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        result["world_size"] = dist.get_world_size()
+        with open(args.part, "w") as f:
+            json.dump(result, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes, via torchrun)")
+    parser.add_argument("--out", default=None, help="default: bench/results/muonclip_<device>.json")
+    parser.add_argument("--only", choices=("adamw", "muonclip"), help=argparse.SUPPRESS)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if args.only:
+        return _child(args, overrides)
+    defaults = ["logging.wandb=false", "train.eval_interval=0"]
+    if not any(o.startswith("model=") for o in overrides):
+        defaults.insert(0, "model=proxy")
+    overrides = [*defaults, *overrides]
+    # One process (group) per optimizer: a Trainer's GPU memory is not returned within a process.
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("adamw", "muonclip"):
+            part = os.path.join(tmp, f"{name}.json")
+            launcher = [sys.executable]
+            if args.nproc > 1:
+                launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+            cmd = [*launcher, os.path.abspath(__file__), "--only", name, "--part", part,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
+            subprocess.run(cmd, check=True)
+            with open(part) as f:
+                results[name] = json.load(f)
+    m, a = results["muonclip"], results["adamw"]
+    device = m["device"].split()[1].lower() if m["device"].startswith("NVIDIA") else m["device"]
+    record = {
+        "device": m["device"],
+        "world_size": m["world_size"],
+        "overrides": overrides,
+        "steps": args.steps,
+        "timed_steps": args.steps - args.warmup,
+        "iteration_ms": m["iteration_ms"],
+        "muonclip_step_ms": m["step_ms"],
+        "muonclip_step_share": m["step_ms"] / m["iteration_ms"],
+        "adamw_iteration_ms": a["iteration_ms"],
+        "adamw_step_ms": a["step_ms"],
+        "adamw_step_share": a["step_ms"] / a["iteration_ms"],
+        "muonclip_overhead_vs_adamw": (m["iteration_ms"] - a["iteration_ms"]) / a["iteration_ms"],
+        "muonclip_loss": m["losses"][-1],
+        "adamw_loss": a["losses"][-1],
+        "muonclip_losses": m["losses"],
+        "adamw_losses": a["losses"],
+        "muonclip_last_qk_clip": m["last_qk_clip"],
+    }
+    out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(json.dumps({k: v for k, v in record.items() if not k.endswith("losses")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
