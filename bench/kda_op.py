@@ -1,0 +1,236 @@
+"""KDA operator speed: our Triton kernels against flash-linear-attention's chunk_kda, in one run.
+
+    python bench/kda_op.py                      # the issue's shapes, H=32, D=128, bf16
+    python bench/kda_op.py --shapes 8x4096 --iters 5
+
+For each shape it times, with CUDA events (median of --iters after --warmup calls):
+  ours      deltatron.kernels.kda.kda(backend="triton"), chunk 64
+  fla       fla.ops.kda.chunk_kda (fla-core 0.6.0): the reference, imported here only
+  sdpa      torch scaled_dot_product_attention, causal (flash), same B, T, H, D: the full
+            attention a KDA layer replaces, for the crossover length
+forward alone (no autograd) and forward + backward (all of q, k, v, g, beta get gradients), peak
+memory of one forward + backward above the inputs, and the largest difference between our output
+and fla's (both bf16 out of fp32 accumulation; a sanity check, the accuracy tests are in
+tests/test_kda_triton.py). The varlen row packs documents of mixed lengths into one row through
+cu_seqlens. The first call of each implementation (Triton compilation, fla's autotuning) is timed
+separately as the cold start.
+
+Inputs are shaped as the model feeds the kernel: q, k L2-normalised per head (bf16), v bf16,
+g = -exp(A_log) * softplus(x + dt_bias) per channel (fp32, log space), beta = sigmoid(.) (fp32).
+
+TFLOP/s use the chunkwise forward's matmul FLOPs per token and head at chunk C = 64 (the Kimi
+Linear paper's eq. 13 count, which the reference measurements use):
+    intra-chunk  K K^T, Q K^T, A K, A V          4 x 2 C D
+    inter-chunk  W S, Q S, K^T U                3 x 2 D^2
+so 8 C D + 6 D^2 per token and head (163,840 at D = 128), and 3x that for forward + backward.
+The results go to bench/results/kda_<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from deltatron.kernels.kda import kda  # noqa: E402
+
+CHUNK = 64
+DEFAULT_SHAPES = ("8x4096", "2x16384", "1x65536", "varlen16384")
+
+
+def flops_per_token_head(head_dim: int, chunk: int = CHUNK) -> int:
+    return 8 * chunk * head_dim + 6 * head_dim * head_dim
+
+
+def make_inputs(batch: int, seq_len: int, heads: int, head_dim: int, seed: int = 0):
+    """q, k, v [B, T, H, D] bf16 (q, k unit-norm), g [B, T, H, D] fp32 <= 0, beta [B, T, H] fp32."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, seq_len, heads, head_dim)
+    q = F.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1).bfloat16()
+    k = F.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1).bfloat16()
+    v = torch.randn(shape, device="cuda", generator=gen).bfloat16()
+    a_log = torch.log(torch.empty(heads, device="cuda").uniform_(1, 16, generator=gen))
+    gate_in = torch.randn(shape, device="cuda", generator=gen) - 2.0
+    g = -a_log.exp()[:, None] * F.softplus(gate_in)
+    beta = torch.sigmoid(torch.randn(shape[:3], device="cuda", generator=gen))
+    return [t.requires_grad_() for t in (q, k, v, g, beta)]
+
+
+def varlen_cu_seqlens(total: int, seed: int = 0) -> torch.Tensor:
+    """Document boundaries of mixed lengths (64 to 4096 tokens) filling `total` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    bounds, pos = [0], 0
+    while pos < total:
+        pos = min(total, pos + int(torch.randint(64, 4097, (1,), generator=gen)))
+        bounds.append(pos)
+    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+
+
+def cuda_time_ms(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mem_gb(fn) -> float:
+    """Peak memory of one call above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def cold_ms(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+class Impl:
+    """Forward and forward+backward closures of one KDA implementation over fixed inputs."""
+
+    def __init__(self, run, inputs):
+        self.run, self.inputs = run, inputs
+        self.grad_out = None
+
+    def forward(self):
+        with torch.no_grad():
+            return self.run(*self.inputs)
+
+    def forward_backward(self):
+        out = self.run(*self.inputs)
+        if self.grad_out is None:
+            self.grad_out = torch.randn_like(out)
+        out.backward(self.grad_out)
+        for t in self.inputs:
+            t.grad = None
+
+
+def ours(cu_seqlens):
+    def run(q, k, v, g, beta):
+        return kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, output_final_state=False,
+                   backend="triton", chunk_size=CHUNK)[0]
+    return run
+
+
+def fla_reference(cu_seqlens):
+    from fla.ops.kda import chunk_kda
+
+    cu = None if cu_seqlens is None else cu_seqlens.long()
+
+    def run(q, k, v, g, beta):
+        return chunk_kda(q, k, v, g, beta, output_final_state=False, cu_seqlens=cu)[0]
+    return run
+
+
+def sdpa_fwd_bwd_ms(batch, seq_len, heads, head_dim, warmup, iters) -> float:
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+    return cuda_time_ms(step, warmup, iters)
+
+
+def bench_shape(spec: str, heads: int, head_dim: int, warmup: int, iters: int) -> dict:
+    varlen = spec.startswith("varlen")
+    if varlen:
+        batch, seq_len = 1, int(spec[len("varlen"):])
+        cu_seqlens = varlen_cu_seqlens(seq_len)
+    else:
+        batch, seq_len = (int(x) for x in spec.split("x"))
+        cu_seqlens = None
+    inputs = make_inputs(batch, seq_len, heads, head_dim)
+    row = {"B": batch, "T": seq_len, "H": heads, "D": head_dim, "varlen": varlen}
+    if varlen:
+        row["documents"] = int(cu_seqlens.numel() - 1)
+    impls = {"ours": Impl(ours(cu_seqlens), inputs), "fla": Impl(fla_reference(cu_seqlens), inputs)}
+    outputs = {}
+    for name, impl in impls.items():
+        row[f"{name}_first_call_ms"] = cold_ms(impl.forward_backward)
+        outputs[name] = impl.forward().float()
+        row[f"{name}_fwd_ms"] = cuda_time_ms(impl.forward, warmup, iters)
+        row[f"{name}_fwdbwd_ms"] = cuda_time_ms(impl.forward_backward, warmup, iters)
+        row[f"{name}_peak_mem_gb"] = peak_mem_gb(impl.forward_backward)
+    row["max_abs_diff_vs_fla"] = (outputs["ours"] - outputs["fla"]).abs().max().item()
+    row["fla_output_max_abs"] = outputs["fla"].abs().max().item()
+    del outputs, impls, inputs
+    # full attention over each document would be cheaper for varlen; causal over the row is
+    # what the shapes without documents compare, so keep SDPA to those
+    row["sdpa_fwdbwd_ms"] = None if varlen else sdpa_fwd_bwd_ms(batch, seq_len, heads, head_dim, warmup, iters)
+    flops = flops_per_token_head(head_dim) * batch * seq_len * heads
+    row["ours_fwd_tflops"] = flops / row["ours_fwd_ms"] / 1e9
+    row["ours_fwdbwd_tflops"] = 3 * flops / row["ours_fwdbwd_ms"] / 1e9
+    row["fla_fwdbwd_tflops"] = 3 * flops / row["fla_fwdbwd_ms"] / 1e9
+    row["speedup_fwd_vs_fla"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]
+    row["speedup_fwdbwd_vs_fla"] = row["fla_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
+                        help="BxT (e.g. 8x4096) or varlenT (one packed row of T tokens)")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default=None, help="default: bench/results/kda_<gpu>.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/kda_op.py needs a CUDA GPU (the Triton kernels and fla's run there)")
+
+    import fla
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        "kda_" + gpu.lower().replace("nvidia ", "").split()[0] + ".json",
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    result = {
+        "benchmark": "kda_op", "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+        "fla": getattr(fla, "__version__", "unknown"), "dtype": "bf16", "chunk_size": CHUNK,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/kda_op.py " + " ".join(
+            f"--shapes {' '.join(args.shapes)} --heads {args.heads} --head-dim {args.head_dim} "
+            f"--warmup {args.warmup} --iters {args.iters}".split()
+        ),
+        "rows": [],
+    }
+    for spec in args.shapes:
+        row = bench_shape(spec, args.heads, args.head_dim, args.warmup, args.iters)
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
+        # rewritten after every shape, so a run cut short keeps the shapes it finished
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
