@@ -11,7 +11,7 @@ import torch
 
 import parity
 from distributed import run_distributed
-from test_parallel_parity import _check, _params
+from test_parallel_parity import LOSS_RTOL, PARAM_ATOL, _check, _params
 
 from deltatron.train.config import OptimConfig
 from deltatron.train.muon_params import FusedLayout, classify
@@ -267,10 +267,49 @@ def muonclip_reference(tmp_path_factory, process_groups):
     return tmp, init, losses, _params(str(tmp / "ref"))
 
 
+RESUME_AFTER = 2  # steps before the optimizer-state checkpoint
+RESUME_FROM = {"dp2": dict(), "tp2_sp": dict(tp=2, sequence_parallel=True)}
+
+
+def _two_process_job(rank: int, world_size: int, init: str, out_dir: str) -> dict:
+    """One launch: the equality layouts, then RESUME_AFTER steps under each RESUME_FROM layout
+    with model and optimizer state saved for the resume test."""
+    from deltatron.train.checkpoint import load_model, save_model, save_optimizer
+
+    results = parity.layouts_job(rank, world_size, TWO_PROCESS, init, out_dir, None, MUONCLIP)
+    for name, layout in RESUME_FROM.items():
+        trainer = _trainer(layout, f"{out_dir}/run-resume-{name}")
+        load_model(trainer.model, init)
+        it = trainer.data.train_batches()
+        for _ in range(RESUME_AFTER):
+            trainer.train_step([next(it) for _ in range(trainer.num_microbatches)])
+        save_model(trainer.model, f"{out_dir}/resume-{name}-model")
+        save_optimizer(trainer.model, trainer.optimizer, f"{out_dir}/resume-{name}-optim")
+    return results
+
+
+def _trainer(layout: dict, run_dir: str):
+    """A MuonClip trainer of the parity model on this process group's share of the fixed batch."""
+    from megatron.core import parallel_state
+
+    from deltatron.train.trainer import Trainer
+
+    cfg = parity.run_config(layout, run_dir, None, MUONCLIP)
+
+    class _Deferred:  # the data needs the data-parallel rank, known once the trainer set up groups
+        pass
+
+    trainer = Trainer(cfg, dataclasses.asdict(cfg), data=_Deferred())
+    trainer.data = parity.FixedBatches(
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    )
+    return trainer
+
+
 @pytest.fixture(scope="module")
 def two_process_muonclip(muonclip_reference):
     tmp, init, _, _ = muonclip_reference
-    return run_distributed(parity.layouts_job, 2, TWO_PROCESS, init, str(tmp), None, MUONCLIP)[0]
+    return run_distributed(_two_process_job, 2, init, str(tmp))[0]
 
 
 @pytest.mark.parametrize("name", sorted(TWO_PROCESS))
@@ -371,3 +410,22 @@ def test_qk_clip_brings_offending_heads_to_tau(tmp_path, process_groups):
     torch.testing.assert_close(kv_new[:, c.qk_head_dim :], kv_old[:, c.qk_head_dim :])  # values
     torch.testing.assert_close(kv_new[1], kv_old[1])
     torch.testing.assert_close(new["linear_kv_down_proj.weight"], weights["linear_kv_down_proj.weight"])
+
+
+@pytest.mark.parametrize("saved_under", sorted(RESUME_FROM))
+def test_optimizer_state_resumes_under_another_layout(saved_under, muonclip_reference, two_process_muonclip):
+    """Model and optimizer state saved after 2 steps on 2 processes, loaded into one process:
+    its 3rd step lands on the uninterrupted single-process run's parameters."""
+    from deltatron.train.checkpoint import load_model, load_optimizer, save_model
+
+    tmp, _, ref_losses, ref_params = muonclip_reference
+    trainer = _trainer({}, str(tmp / f"run-resumed-{saved_under}"))
+    load_model(trainer.model, str(tmp / f"resume-{saved_under}-model"))
+    load_optimizer(trainer.model, trainer.optimizer, str(tmp / f"resume-{saved_under}-optim"))
+    assert trainer.optimizer.steps == RESUME_AFTER
+    loss = trainer.train_step(trainer.data.micro)["loss"]
+    save_model(trainer.model, str(tmp / f"resumed-{saved_under}"))
+    assert loss == pytest.approx(ref_losses[RESUME_AFTER], rel=LOSS_RTOL)
+    params = _params(str(tmp / f"resumed-{saved_under}"))
+    errors = {k: (params[k] - ref).abs().max().item() for k, ref in ref_params.items() if ref.is_floating_point()}
+    assert max(errors.values()) < PARAM_ATOL, {k: e for k, e in errors.items() if e >= PARAM_ATOL}

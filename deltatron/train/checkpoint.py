@@ -1,4 +1,4 @@
-"""Model weights through megatron-core's dist_checkpointing.
+"""Model weights (and MuonClip's optimizer state) through megatron-core's dist_checkpointing.
 
 A checkpoint saved under one parallel layout loads under any other: every rank saves and loads
 only its shards, described by the model's `sharded_state_dict`, and dist_checkpointing maps them
@@ -24,7 +24,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _sharded_state_dict(chunks: list) -> dict:
+def model_sharded_state_dict(chunks: list) -> dict:
     if len(chunks) == 1:
         return unwrap(chunks[0]).sharded_state_dict()
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
@@ -32,6 +32,23 @@ def _sharded_state_dict(chunks: list) -> dict:
 
 def save_model(chunks: list, checkpoint_dir: str) -> None:
     """Save the weights of all model chunks (collective: every rank calls it)."""
+    save_sharded(model_sharded_state_dict(chunks), checkpoint_dir)
+
+
+def save_optimizer(chunks: list, optimizer, checkpoint_dir: str) -> None:
+    """Save an optimizer's state laid out like the model's parameters (MuonClip's
+    `sharded_state_dict`), loadable under any layout by `load_optimizer`. Collective."""
+    save_sharded(optimizer.sharded_state_dict(model_sharded_state_dict(chunks)), checkpoint_dir)
+
+
+def load_optimizer(chunks: list, optimizer, checkpoint_dir: str) -> None:
+    """Load optimizer state saved by `save_optimizer` under any layout into `optimizer`."""
+    check_complete(checkpoint_dir)
+    template = optimizer.sharded_state_dict(model_sharded_state_dict(chunks))
+    optimizer.load_state(dist_checkpointing.load(template, checkpoint_dir))
+
+
+def save_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> None:
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     tmp = checkpoint_dir + ".tmp"
     if dist.get_rank() == 0:
@@ -39,7 +56,7 @@ def save_model(chunks: list, checkpoint_dir: str) -> None:
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), tmp, async_sharded_save=False)
+    dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=False)
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(checkpoint_dir):
@@ -50,6 +67,16 @@ def save_model(chunks: list, checkpoint_dir: str) -> None:
 
 def load_model(chunks: list, checkpoint_dir: str) -> None:
     """Load weights saved by `save_model` under any parallel layout into these chunks."""
+    check_complete(checkpoint_dir)
+    state = dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir)
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(state, strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(state[f"model{i}"], strict=True)
+
+
+def check_complete(checkpoint_dir: str) -> None:
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(
             f"checkpoint directory {checkpoint_dir!r} does not exist (was it saved completely?)"
@@ -58,9 +85,3 @@ def load_model(chunks: list, checkpoint_dir: str) -> None:
         raise ValueError(
             f"{checkpoint_dir!r} is not a complete dist_checkpointing checkpoint (no metadata.json)"
         )
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), checkpoint_dir)
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(state, strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(state[f"model{i}"], strict=True)

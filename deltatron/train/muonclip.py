@@ -26,6 +26,7 @@ num_zeros_in_grad)`, gradients clipped to `clip_grad` by their global norm first
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -301,6 +302,65 @@ class MuonClipOptimizer:
                 out[i] = o
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def _state_tensors(self, e: _Entry) -> dict[str, torch.Tensor]:
+        """An owned parameter's state, each tensor shaped like the parameter (local shard)."""
+        out = {"master": e.master} if e.separate_master else {}
+        if e.spec.optimizer == "muon":
+            momentum = torch.zeros_like(e.master)
+            for b in e.blocks:
+                m = e.state["momentum"][b.key]
+                if b.block.rows is None:
+                    momentum.copy_(m)
+                else:
+                    momentum.index_copy_(0, b.block.rows, m)
+            out["momentum"] = momentum
+        else:
+            out["exp_avg"], out["exp_avg_sq"] = e.state["exp_avg"], e.state["exp_avg_sq"]
+        return out
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict) -> dict:
+        """This rank's optimizer state for dist_checkpointing, laid out like the model's parameters.
+
+        model_sharded_state_dict: the model chunks' sharded_state_dict (megatron-core's, with the
+        parameters themselves as data). Every state tensor of a parameter takes that parameter's
+        sharding (TP slices, expert indices, fused GLU halves), so a checkpoint loads under any
+        other layout; only the owner replica contributes it (as the main replica).
+        """
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor,
+        )
+
+        by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, [e.param for e in self.entries])
+        out: dict = {"optimizer.steps": self.steps}
+        for i, e in enumerate(self.entries):
+            if not e.owned:
+                continue
+            if i not in by_index:
+                raise KeyError(f"{e.key} is not in the model's sharded state dict")
+            model_param = by_index[i]
+            for name, tensor in self._state_tensors(e).items():
+                sharded = make_sharded_optimizer_tensor(model_param, tensor, prefix=f"optimizer.{name}")
+                out[f"{name}/{e.key}"] = dataclasses.replace(sharded, replica_id=_main_replica(sharded.replica_id))
+        return out
+
+    def load_state(self, state: dict) -> None:
+        """Take the state loaded by dist_checkpointing for `sharded_state_dict`'s template."""
+        self.steps = int(state["optimizer.steps"])
+        for e in self.entries:
+            if not e.owned:
+                continue
+            if e.separate_master:
+                e.master.copy_(state[f"master/{e.key}"])
+                e.param.data.copy_(e.master)
+            if e.spec.optimizer == "muon":
+                momentum = state[f"momentum/{e.key}"]
+                for b in e.blocks:
+                    e.state["momentum"][b.key].copy_(b.block.take(momentum))
+            else:
+                e.state["exp_avg"].copy_(state[f"exp_avg/{e.key}"])
+                e.state["exp_avg_sq"].copy_(state[f"exp_avg_sq/{e.key}"])
+
     @staticmethod
     def _by_rate(entries: list[_Entry]) -> dict[tuple[float, float], list[_Entry]]:
         """Entries grouped by their param group's (lr, weight decay), as the scheduler set them."""
@@ -399,6 +459,14 @@ def build_muonclip(model_chunks: list, cfg: OptimConfig) -> MuonClipOptimizer:
         dense=dense, expert=expert_grid() if expert_parallel else dense,
         norm_groups=norm_groups, qk_clip=qk, num_sublayers=config.num_layers,
     )
+
+
+def _main_replica(replica_id):
+    """The model tensor's replica id with its data-parallel component (the last) set to 0: the
+    owner replica writes the state, whichever DP rank it is."""
+    if isinstance(replica_id, tuple):
+        return (*replica_id[:-1], 0)
+    return 0
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
