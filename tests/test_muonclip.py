@@ -1,5 +1,7 @@
-"""MuonClip: Newton-Schulz, the update rule against plain references, QK-clip, and distributed
-equality (DP2, TP2, EP2, TP2xDP2 against one process, through tests/parity.py's machinery)."""
+"""MuonClip: Newton-Schulz, the update rule against plain references, QK-clip, distributed
+equality (DP2, TP2, EP2, TP2xDP2 against one process, through tests/parity.py's machinery) and
+optimizer-state checkpoints resumed under another layout. (PP2 and PP2+VPP2 also match exactly;
+left out to keep this file near 3 minutes on 2 cores: add them to TWO_PROCESS to check.)"""
 
 from __future__ import annotations
 
