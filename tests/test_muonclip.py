@@ -431,3 +431,14 @@ def test_optimizer_state_resumes_under_another_layout(saved_under, muonclip_refe
     params = _params(str(tmp / f"resumed-{saved_under}"))
     errors = {k: (params[k] - ref).abs().max().item() for k, ref in ref_params.items() if ref.is_floating_point()}
     assert max(errors.values()) < PARAM_ATOL, {k: e for k, e in errors.items() if e >= PARAM_ATOL}
+
+
+def test_optim_muonclip_preset_composes():
+    from test_config import _compose
+
+    from deltatron.train.__main__ import to_run_config
+
+    run, _ = to_run_config(_compose(["optim=muonclip", "optim.qk_clip_tau=50"]))
+    o = run.optim
+    assert (o.name, o.muon_momentum, o.muon_nesterov, o.muon_ns_steps) == ("muonclip", 0.95, True, 5)
+    assert (o.muon_rms_scale, o.muon_ns_dtype, o.qk_clip_tau) == (0.2, "bfloat16", 50.0)
