@@ -36,16 +36,17 @@ def save_model(chunks: list, checkpoint_dir: str) -> None:
 
 
 def save_optimizer(chunks: list, optimizer, checkpoint_dir: str) -> None:
-    """Save an optimizer's state laid out like the model's parameters (MuonClip's
-    `sharded_state_dict`), loadable under any layout by `load_optimizer`. Collective."""
+    """Save an optimizer's state laid out like the model's parameters (megatron-core's optimizer
+    contract `sharded_state_dict(model_sharded_state_dict)`; checked for MuonClip), loadable under
+    any layout by `load_optimizer`. Collective."""
     save_sharded(optimizer.sharded_state_dict(model_sharded_state_dict(chunks)), checkpoint_dir)
 
 
 def load_optimizer(chunks: list, optimizer, checkpoint_dir: str) -> None:
     """Load optimizer state saved by `save_optimizer` under any layout into `optimizer`."""
     check_complete(checkpoint_dir)
-    template = optimizer.sharded_state_dict(model_sharded_state_dict(chunks))
-    optimizer.load_state(dist_checkpointing.load(template, checkpoint_dir))
+    template = optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True)
+    optimizer.load_state_dict(dist_checkpointing.load(template, checkpoint_dir))
 
 
 def save_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> None:

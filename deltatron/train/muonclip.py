@@ -319,8 +319,11 @@ class MuonClipOptimizer:
             out["exp_avg"], out["exp_avg_sq"] = e.state["exp_avg"], e.state["exp_avg_sq"]
         return out
 
-    def sharded_state_dict(self, model_sharded_state_dict: dict) -> dict:
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
         """This rank's optimizer state for dist_checkpointing, laid out like the model's parameters.
+
+        Same contract as megatron-core's optimizers: save this dict, or load into it and pass the
+        result to `load_state_dict` (the template is the same for saving and loading).
 
         model_sharded_state_dict: the model chunks' sharded_state_dict (megatron-core's, with the
         parameters themselves as data). Every state tensor of a parameter takes that parameter's
@@ -344,7 +347,7 @@ class MuonClipOptimizer:
                 out[f"{name}/{e.key}"] = dataclasses.replace(sharded, replica_id=_main_replica(sharded.replica_id))
         return out
 
-    def load_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Take the state loaded by dist_checkpointing for `sharded_state_dict`'s template."""
         self.steps = int(state["optimizer.steps"])
         for e in self.entries:
