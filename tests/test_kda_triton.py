@@ -266,6 +266,22 @@ def test_half_precision_inputs(dtype, tol):
         assert rel_err(tri.detach().cpu().float(), ref.detach().float()) <= want, name
 
 
+def test_small_heads_compile_with_the_realistic_tiles():
+    """Regression (CUDA illegal memory access at C = 64, K = 32, V = 16): with 8 warps and 16-wide
+    fp32 tiles, Triton 3.6 compiled _grad_chunk_kernel into a shared-memory read past its
+    allocation (compute-sanitizer on an H100: "Invalid __shared__ read of size 512 bytes" at
+    tl.dot(tl.trans(a_inv), dw)). The interpreter cannot see it, so this checks the cure on CPU:
+    from C = 64 on, small heads get the tiles (and so the compiled layouts) that K = V = 128
+    uses, which ran clean on the GPU."""
+    from deltatron.kernels.kda.triton_grad import grad_config
+    from deltatron.kernels.kda.triton_intra import intra_config
+
+    for C in (64, 128):
+        for K, V in ((16, 16), (32, 16), (16, 32), (24, 20), (80, 72)):
+            assert grad_config(K, V, C) == grad_config(128, 128, C), (K, V, C)
+            assert intra_config(K, V, C) == intra_config(128, 128, C), (K, V, C)
+
+
 def test_dispatch_and_validation():
     assert "triton" in available_backends()
     q, k, v, g, beta = (x.to(DEVICE) for x in make_inputs(1, 20, 1, 16, 16, "mild", seed=11))

@@ -37,7 +37,9 @@ from deltatron.kernels.kda.triton_common import (
     block_diag_gather,
     block_row_sums,
     cross_block_decays,
-    in_block_decay,
+    IN_BLOCK_FACTOR_BOUND,
+    in_block_decay_step,
+    in_block_log_decay,
     load_decays,
     load_rows,
     load_vector,
@@ -150,6 +152,7 @@ def _grad_pairwise_kernel(
     sub_cols = tl.arange(0, BC)
     local = rows % BC
     first_of_block = (rows // BC) * BC
+    in_block_strict = ((rows // BC)[:, None] == (cc // BC)[None, :]) & (cc[None, :] < rows[:, None])
     bt = load_vector(beta + i_h, t0, rows, n, H)
     daq = load_rows(daqk + i_h * C, t0, rows, n, H * C, cc, C)
     dak = load_rows(dakk + i_h * C, t0, rows, n, H * C, cc, C)
@@ -177,16 +180,36 @@ def _grad_pairwise_kernel(
             col = tl.dot(tl.trans(daq), qt * left, input_precision=PREC)
             col += tl.dot(tl.trans(dak), kbt * left, input_precision=PREC)
             dkc += right * col
-        for jj in range(BC):
-            decay = in_block_decay(g_t, jj, C, BC, BK, False)  # pairs j < i only
-            at_jj = sub_cols[None, :] == jj
-            aq = tl.sum(tl.where(at_jj, daq_diag, 0.0), 1)[:, None]  # dA_qk[i, block(i)*BC + jj]
-            ak = tl.sum(tl.where(at_jj, dak_diag, 0.0), 1)[:, None]
-            k_col = decay * load_rows(k + i_h * K, t0, first_of_block + jj, n, H * K, ck, K)
-            dqa += aq * k_col
-            dkr += ak * k_col
-            col = block_row_sums((aq * qt + ak * kbt) * decay, C, BC, BK)
-            dkc += tl.where((local == jj)[:, None], col, 0.0)
+        log_in = in_block_log_decay(g_t, g_next, C, BC, BK)
+        if tl.max(tl.abs(log_in)) <= IN_BLOCK_FACTOR_BOUND:
+            # In-block pairs j < i factored through the reference row (triton_common): the
+            # scores' gradients restricted to the diagonal sub-blocks, one product each.
+            out_in = tl.exp(log_in)
+            in_out = tl.exp(-log_in)
+            daq_in = tl.where(in_block_strict, daq, 0.0)
+            dak_in = tl.where(in_block_strict, dak, 0.0)
+            k_in = kt * in_out
+            dqa += out_in * tl.dot(daq_in, k_in, input_precision=PREC)
+            dkr += out_in * tl.dot(dak_in, k_in, input_precision=PREC)
+            col = tl.dot(tl.trans(daq_in), qt * out_in, input_precision=PREC)
+            col += tl.dot(tl.trans(dak_in), kbt * out_in, input_precision=PREC)
+            dkc += in_out * col
+        else:
+            # Decays too strong to factor: column by column, products of exp(g) <= 1.
+            diag_decay = tl.zeros([C, BK], dtype=tl.float32)
+            for back in range(BC):
+                jj = BC - 1 - back
+                diag_decay = in_block_decay_step(diag_decay, g + i_h * K, t0, first_of_block,
+                                                 local[:, None], jj, n, H * K, ck, K)
+                decay = tl.where(local[:, None] > jj, diag_decay, 0.0)  # pairs j < i only
+                at_jj = sub_cols[None, :] == jj
+                aq = tl.sum(tl.where(at_jj, daq_diag, 0.0), 1)[:, None]  # dA_qk[i, blk*BC + jj]
+                ak = tl.sum(tl.where(at_jj, dak_diag, 0.0), 1)[:, None]
+                k_col = decay * load_rows(k + i_h * K, t0, first_of_block + jj, n, H * K, ck, K)
+                dqa += aq * k_col
+                dkr += ak * k_col
+                col = block_row_sums((aq * qt + ak * kbt) * decay, C, BC, BK)
+                dkc += tl.where((local == jj)[:, None], col, 0.0)
         dq_t = load_rows(dq_part + i_h * K, t0, rows, n, H * K, ck, K)
         dq_t += (dqa + daq_ii * kt) * scale
         dk_t = load_rows(dk_part + i_h * K, t0, rows, n, H * K, ck, K)
@@ -205,10 +228,17 @@ def grad_config(K: int, V: int, C: int) -> dict:
     """Block sizes and warps of both kernels: key channels and value columns 32 at a time, 8 warps
     from C = 64 on (at K = V = 128, C = 64 that keeps sm_90 register spills small with tf32
     products; see triton_compile_check.py)."""
+    if C >= 64:
+        # Always the K = V = 128 tiles, padding smaller heads: with 8 warps and 16-wide tiles
+        # (K = 32, V = 16 at C = 64), Triton 3.6 compiled _grad_chunk_kernel's
+        # tl.dot(tl.trans(a_inv), dw) into a shared-memory read past the allocation (an illegal
+        # memory access on an H100, compute-sanitizer: "Invalid __shared__ read of size 512
+        # bytes"); these tiles are the ones measured at realistic shapes.
+        return dict(BK=32, BV=32, num_warps=8, num_stages=1)
     return dict(
         BK=min(32, max(16, triton.next_power_of_2(K))),
         BV=min(32, max(16, triton.next_power_of_2(V))),
-        num_warps=8 if C >= 64 else 4,
+        num_warps=4,
         num_stages=1,
     )
 

@@ -24,7 +24,9 @@ from deltatron.kernels.kda.triton_common import (
     block_diag_gather,
     block_diag_spread,
     cross_block_decays,
-    in_block_decay,
+    IN_BLOCK_FACTOR_BOUND,
+    in_block_decay_step,
+    in_block_log_decay,
     load_decays,
     load_rows,
     load_vector,
@@ -50,6 +52,10 @@ def intra_scores(
     rows = tl.arange(0, C)
     sub_cols = tl.arange(0, BC)
     first_of_block = (rows // BC) * BC
+    local_col = (rows % BC)[:, None]
+    same_block = (rows // BC)[:, None] == (rows // BC)[None, :]
+    in_block_strict = same_block & (rows[None, :] < rows[:, None])
+    in_block_incl = same_block & (rows[None, :] <= rows[:, None])
     kk = tl.zeros([C, C], dtype=tl.float32)
     qk = tl.zeros([C, C], dtype=tl.float32)
     kk_diag = tl.zeros([C, BC], dtype=tl.float32)  # kk[i, block(i) * BC + c]
@@ -64,12 +70,25 @@ def intra_scores(
             k_right = tl.trans(kt * right)
             kk += tl.dot(kt * left, k_right, input_precision=PREC)
             qk += tl.dot(qt * left, k_right, input_precision=PREC)
-        for jj in range(BC):
-            decay = in_block_decay(g, jj, C, BC, BK, True)
-            k_col = decay * load_rows(k_ptr, t0, first_of_block + jj, n, stride, cols, K)
-            at_jj = sub_cols[None, :] == jj
-            kk_diag += tl.where(at_jj, tl.sum(kt * k_col, 1)[:, None], 0.0)
-            qk_diag += tl.where(at_jj, tl.sum(qt * k_col, 1)[:, None], 0.0)
+        log_in = in_block_log_decay(g, g_next, C, BC, BK)
+        if tl.max(tl.abs(log_in)) <= IN_BLOCK_FACTOR_BOUND:
+            # In-block pairs factored through the reference row: one product for all of them
+            # (the entries outside the diagonal sub-blocks are discarded, never multiplied).
+            k_in = tl.trans(kt * tl.exp(-log_in))
+            out_in = tl.exp(log_in)
+            kk += tl.where(in_block_strict, tl.dot(kt * out_in, k_in, input_precision=PREC), 0.0)
+            qk += tl.where(in_block_incl, tl.dot(qt * out_in, k_in, input_precision=PREC), 0.0)
+        else:
+            # Decays too strong to factor: column by column, products of exp(g) <= 1.
+            decay = tl.zeros([C, BK], dtype=tl.float32)
+            for back in range(BC):
+                jj = BC - 1 - back
+                decay = in_block_decay_step(decay, g_ptr, t0, first_of_block, local_col, jj, n,
+                                            stride, cols, K)
+                k_col = decay * load_rows(k_ptr, t0, first_of_block + jj, n, stride, cols, K)
+                at_jj = sub_cols[None, :] == jj
+                kk_diag += tl.where(at_jj, tl.sum(kt * k_col, 1)[:, None], 0.0)
+                qk_diag += tl.where(at_jj, tl.sum(qt * k_col, 1)[:, None], 0.0)
     local = (rows % BC)[:, None]
     kk += block_diag_spread(tl.where(sub_cols[None, :] < local, kk_diag, 0.0), C, BC)
     qk += block_diag_spread(tl.where(sub_cols[None, :] <= local, qk_diag, 0.0), C, BC)
@@ -155,10 +174,12 @@ def intra_config(K: int, V: int, C: int) -> dict:
     """Block sizes and warps of _intra_fwd_kernel: key channels 32 and value columns 64 at a time,
     8 warps from C = 64 on (at K = 128, C = 64 that keeps sm_90 register spills near zero with
     tf32 products; see triton_compile_check.py)."""
+    if C >= 64:  # the tiles of K = V = 128 whatever the head dims (see grad_config)
+        return dict(BK=32, BV=64, num_warps=8, num_stages=1)
     return dict(
         BK=min(32, max(16, triton.next_power_of_2(K))),
         BV=min(64, max(16, triton.next_power_of_2(V))),
-        num_warps=8 if C >= 64 else 4,
+        num_warps=4,
         num_stages=1,
     )
 
