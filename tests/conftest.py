@@ -14,6 +14,13 @@ if REPO not in sys.path:
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Triton kernels decide whether they run interpreted when their module is first imported, which
+# may be in any test; without CUDA the whole session interprets them (tests/test_kda_triton.py).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Set in this process by init_process_groups (a world of one on a free port); a child process
 # that inherited them would try to listen on the port this process already holds.
 _RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -42,3 +49,24 @@ def seeded(process_groups):
 
     initialize_rng(1234)
     yield
+
+
+def train_in_process(overrides: list[str], run_dir: str, patch=None) -> dict:
+    """Compose conf/ with these overrides (as the CLI would), train in this process and return
+    the history. patch(trainer) may change the trainer before it fits (fault injection)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from deltatron.train.__main__ import conf_dir, to_run_config
+    from deltatron.train.config import register_configs
+    from deltatron.train.trainer import Trainer
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides + [f"train.run_dir={run_dir}"])
+    run, resolved = to_run_config(cfg)
+    trainer = Trainer(run, resolved)
+    if patch is not None:
+        patch(trainer)
+    return trainer.fit()

@@ -18,13 +18,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from deltatron.train.__main__ import conf_dir, to_run_config
-from deltatron.train.config import register_configs
-
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, train_in_process
 
 GOLDEN = os.path.join(REPO, "tests", "golden", "tiny_loss.json")
 GOLDEN_OVERRIDES = [
@@ -34,20 +29,9 @@ GOLDEN_OVERRIDES = [
 ]
 
 
-def _run_in_process(overrides, run_dir):
-    from deltatron.train.trainer import Trainer
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides + [f"train.run_dir={run_dir}"])
-    run, resolved = to_run_config(cfg)
-    return Trainer(run, resolved).fit()
-
-
 def test_golden_loss_curve(tmp_path, process_groups, monkeypatch):
     monkeypatch.chdir(REPO)  # the data config's paths are relative to the repo
-    history = _run_in_process(GOLDEN_OVERRIDES, str(tmp_path / "run"))
+    history = train_in_process(GOLDEN_OVERRIDES, str(tmp_path / "run"))
     losses = history["loss"]
     if os.environ.get("DELTATRON_UPDATE_GOLDEN"):
         os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)

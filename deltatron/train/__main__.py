@@ -35,7 +35,11 @@ def main(cfg: DictConfig) -> None:
     if run.train.dry_run:
         print(describe_dry_run(run, resolved))
         return
-    Trainer(run, resolved).fit()
+    history = Trainer(run, resolved).fit()
+    if history["preempted"]:
+        from deltatron.train.preemption import PREEMPTED_EXIT_CODE
+
+        sys.exit(PREEMPTED_EXIT_CODE)  # saved; launch scripts requeue on this code
 
 
 def cli() -> None:

@@ -86,7 +86,19 @@ class TrainConfig:
     eval_interval: int = 50  # validation loss every N steps (0: never)
     eval_batches: int = 4
     dry_run: bool = False  # validate and print the resolved config, then exit
-    run_dir: Optional[str] = None  # default: Hydra's output directory
+    run_dir: Optional[str] = None  # default: runs/<model>-<time>
+    # checkpoints (deltatron/train/resume.py): every save_interval steps and at the end (0: only
+    # when preempted); in save_dir (default <run_dir>/checkpoints), the newest keep_last kept
+    save_interval: int = 0
+    save_dir: Optional[str] = None
+    keep_last: int = 3
+    # "none", "auto" (the newest complete checkpoint in save_dir, if any) or a checkpoint path
+    resume: str = "auto"
+    # a step whose loss or gradients are not finite, or (loss_spike_factor > 0) whose loss exceeds
+    # loss_spike_factor x the mean of the last good losses, is skipped; max_bad_steps in a row
+    # stop the run
+    max_bad_steps: int = 5
+    loss_spike_factor: float = 0.0
 
     def __post_init__(self) -> None:
         errors = []
@@ -101,6 +113,10 @@ class TrainConfig:
             errors.append(f"train.precision={self.precision!r}: choose auto, bf16 or fp32")
         if self.eval_interval < 0 or self.eval_batches < 1:
             errors.append("train.eval_interval must be >= 0 and train.eval_batches >= 1")
+        if self.save_interval < 0 or self.keep_last < 1 or self.max_bad_steps < 1:
+            errors.append("need train.save_interval >= 0, train.keep_last >= 1, train.max_bad_steps >= 1")
+        if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
+            errors.append(f"train.loss_spike_factor={self.loss_spike_factor}: use 0 (off) or a factor > 1")
         if errors:
             raise ValueError("invalid train config: " + "; ".join(errors))
 

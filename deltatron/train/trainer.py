@@ -7,6 +7,7 @@ decides which stage consumes what.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -29,6 +30,8 @@ from deltatron.train.config import RunConfig
 from deltatron.train.flops import peak_tflops, training_flops_per_token
 from deltatron.train.monitor import Monitor, format_duration, is_rank0
 from deltatron.train.optim import build_optimizer, build_scheduler
+from deltatron.train.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
+from deltatron.train.resume import Progress, load_checkpoint, resolve_resume, save_checkpoint
 
 
 def resolve_precision(requested: str) -> str:
@@ -125,6 +128,7 @@ class Trainer:
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak_tflops, self.peak_source = peak_tflops(device_name, cfg.logging.peak_tflops)
         self.step = 0
+        self.good_losses: list[float] = []  # the last good steps' losses (loss-spike guard)
 
     # ------------------------------------------------------------------ set-up
     def _make_run_dir(self) -> str:
@@ -242,21 +246,47 @@ class Trainer:
         return (total[0] / total[1].clamp(min=1)).item()
 
     def train_step(self, batches: list) -> dict:
+        """One optimizer step over these micro-batches. A step whose loss or gradients are not
+        finite (or whose loss spikes, with train.loss_spike_factor) updates nothing."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        losses = self._run_schedule(batches, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
+        loss = self._mean_loss(self._run_schedule(batches, forward_only=False))
+        bad = self._bad_step_reason(loss)
+        if bad:
+            update_ok, grad_norm = False, None
+        else:
+            update_ok, grad_norm, _ = self.optimizer.step()
+            self.good_losses = (self.good_losses + [loss])[-20:]
         if update_ok:
             self.scheduler.step(increment=1)
         return {
-            "loss": self._mean_loss(losses),
+            "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "update_ok": bool(update_ok),
+            "skipped": bad,
             "lr": lr,
             "optim_metrics": dict(getattr(self.optimizer, "metrics", {})),  # MuonClip's QK-clip stats
         }
+
+    def _bad_step_reason(self, loss: float) -> str | None:
+        """Why this step's update must be skipped, the same answer on every rank (the loss is
+        already reduced over all ranks; gradients are checked on each rank and the verdict
+        all-reduced), or None."""
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        spike = self.cfg.train.loss_spike_factor
+        if spike and len(self.good_losses) >= 5 and loss > spike * (sum(self.good_losses) / len(self.good_losses)):
+            return f"loss {loss:.4f} > {spike:g} x the recent mean {sum(self.good_losses) / len(self.good_losses):.4f}"
+        finite = all(
+            bool(torch.isfinite(buf.grad_data).all())
+            for m in self.model
+            for buf in m.buffers + m.expert_parallel_buffers
+        )
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return "gradients are not finite" if flag.item() else None
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -299,55 +329,100 @@ class Trainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux)
 
     def fit(self) -> dict:
-        cfg = self.cfg
+        """Train to train.steps (resuming per train.resume), saving checkpoints per
+        train.save_interval. Returns the history; history["preempted"] says the run stopped
+        early on SIGTERM/SIGUSR1 after saving (the CLI then exits with PREEMPTED_EXIT_CODE)."""
+        cfg, train = self.cfg, self.cfg.train
         if is_rank0():
             OmegaConf.save(OmegaConf.create(self.resolved), os.path.join(self.run_dir, "config.yaml"))
         monitor = Monitor(self.run_dir, cfg.logging, self.resolved)
         self.banner(monitor)
+        save_dir = os.path.abspath(train.save_dir or os.path.join(self.run_dir, "checkpoints"))
+        progress = Progress()
+        last_checkpoint = resolve_resume(train.resume, save_dir)
+        if last_checkpoint:
+            progress = load_checkpoint(
+                last_checkpoint, self.model, self.optimizer, self.scheduler, self.data, cfg.model
+            )
+            monitor.print(
+                f"resumed from {last_checkpoint} at step {progress.step} ({progress.consumed_tokens:,} tokens)"
+            )
+        first_step = progress.step + 1
         train_iter: Iterator = self.data.train_batches()
-        history = {"loss": [], "val_loss": []}
+        history = {"loss": [], "val_loss": [], "skipped_steps": [], "first_step": first_step, "preempted": False}
         start = time.time()
         window_start, window_tokens = time.time(), 0
-        for self.step in range(1, cfg.train.steps + 1):
-            batches = [next(train_iter) for _ in range(self.num_microbatches)]
-            out = self.train_step(batches)
-            history["loss"].append(out["loss"])
-            window_tokens += self.tokens_per_step
-            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps or self.step == 1:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                elapsed = time.time() - window_start
-                tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-                tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
-                mfu = tflops / self.peak_tflops if self.peak_tflops else None
-                eta = (time.time() - start) / self.step * (cfg.train.steps - self.step)
-                lr = out["lr"]
-                metrics = {
-                    "train/loss": out["loss"], "train/lr": lr, "train/grad_norm": out["grad_norm"],
-                    "train/tokens": self.step * self.tokens_per_step,
-                    "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": tflops,
-                    "system/peak_memory_gb": self._memory_gb(),
-                }
-                if mfu is not None:
-                    metrics["perf/mfu"] = mfu
-                metrics.update(out["optim_metrics"])
-                monitor.log(self.step, metrics)
-                monitor.print(
-                    f"step {self.step}/{cfg.train.steps} | loss {out['loss']:.4f} | lr {lr:.3e} | "
-                    f"grad norm {out['grad_norm']:.3f} | {tokens_per_sec:,.0f} tokens/s | "
-                    f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                    f"mem {self._memory_gb():.2f} GB | ETA {format_duration(eta)}"
-                )
-                window_start, window_tokens = time.time(), 0
-            if cfg.train.eval_interval and (
-                self.step % cfg.train.eval_interval == 0 or self.step == cfg.train.steps
-            ):
-                val = self.evaluate()
-                history["val_loss"].append((self.step, val))
-                monitor.log(self.step, {"train/val_loss": val})
-                monitor.print(f"eval at step {self.step} | val loss {val:.4f}")
-        monitor.print(f"done: {cfg.train.steps} steps in {format_duration(time.time() - start)}")
+        bad_in_a_row = 0
+        with PreemptionSignal(self.device) as preemption:
+            for self.step in range(first_step, train.steps + 1):
+                batches = [next(train_iter) for _ in range(self.num_microbatches)]
+                out = self.train_step(batches)
+                progress.step, progress.consumed_tokens = self.step, progress.consumed_tokens + self.tokens_per_step
+                history["loss"].append(out["loss"])
+                window_tokens += self.tokens_per_step
+                if out["skipped"]:
+                    history["skipped_steps"].append(self.step)
+                    bad_in_a_row += 1
+                    monitor.log(self.step, {"train/skipped_steps": len(history["skipped_steps"])})
+                    monitor.print(f"step {self.step}: update skipped ({out['skipped']})")
+                    if bad_in_a_row >= train.max_bad_steps:
+                        raise RuntimeError(
+                            f"{bad_in_a_row} bad steps in a row up to step {self.step} (last: {out['skipped']}); "
+                            f"the last good checkpoint is {last_checkpoint or 'none: nothing was saved yet'}. "
+                            "Lower optim.lr or inspect the data, then resume from it (train.resume=<dir>)"
+                        )
+                else:
+                    bad_in_a_row = 0
+                if self.step % cfg.logging.log_interval == 0 or self.step == train.steps or self.step == first_step:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    elapsed = time.time() - window_start
+                    tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+                    tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
+                    mfu = tflops / self.peak_tflops if self.peak_tflops else None
+                    eta = (time.time() - start) / (self.step - first_step + 1) * (train.steps - self.step)
+                    lr = out["lr"]
+                    metrics = {
+                        "train/loss": out["loss"], "train/lr": lr, "train/grad_norm": out["grad_norm"],
+                        "train/tokens": progress.consumed_tokens,
+                        "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": tflops,
+                        "system/peak_memory_gb": self._memory_gb(),
+                    }
+                    if mfu is not None:
+                        metrics["perf/mfu"] = mfu
+                    metrics.update(out["optim_metrics"])
+                    monitor.log(self.step, metrics)
+                    monitor.print(
+                        f"step {self.step}/{train.steps} | loss {out['loss']:.4f} | lr {lr:.3e} | "
+                        f"grad norm {out['grad_norm']:.3f} | {tokens_per_sec:,.0f} tokens/s | "
+                        f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                        f"mem {self._memory_gb():.2f} GB | ETA {format_duration(eta)}"
+                    )
+                    window_start, window_tokens = time.time(), 0
+                if train.eval_interval and (self.step % train.eval_interval == 0 or self.step == train.steps):
+                    val = self.evaluate()
+                    history["val_loss"].append((self.step, val))
+                    monitor.log(self.step, {"train/val_loss": val})
+                    monitor.print(f"eval at step {self.step} | val loss {val:.4f}")
+                preempted = preemption.requested()
+                if preempted or (
+                    train.save_interval and (self.step % train.save_interval == 0 or self.step == train.steps)
+                ):
+                    last_checkpoint = save_checkpoint(
+                        save_dir, self.model, self.optimizer, self.scheduler, self.data, progress,
+                        cfg.model, train.keep_last,
+                    )
+                    monitor.print(f"saved {last_checkpoint}")
+                if preempted:
+                    history["preempted"] = True
+                    monitor.print(
+                        f"preempted ({preemption.received or 'signal on another rank'}): saved step "
+                        f"{self.step}; exiting with code {PREEMPTED_EXIT_CODE} so the job is requeued"
+                    )
+                    break
+        monitor.print(f"done: {progress.step} steps in {format_duration(time.time() - start)}")
         history["seconds"] = time.time() - start
+        history["last_checkpoint"] = last_checkpoint
         monitor.close()
         return history
 

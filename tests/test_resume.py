@@ -1,0 +1,158 @@
+"""Training checkpoints: kill -9 and SIGTERM mid-run, resume, and get the uninterrupted run's losses
+bit for bit (CPU, fp32); bad steps are skipped; bad checkpoints stop with their reason."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deltatron.train.preemption import PREEMPTED_EXIT_CODE
+
+from conftest import REPO, subprocess_env, train_in_process
+
+STEPS = 8
+OVERRIDES = [
+    "model=tiny", f"train.steps={STEPS}", "data.seq_length=64", "train.micro_batch_size=2",
+    "train.global_batch_size=4", "train.eval_interval=0", "logging.wandb=false",
+    "logging.log_interval=1", "optim.warmup_steps=2", "train.save_interval=3",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, process_groups):
+    """The reference: the same run without interruption (saving every 3 steps, as the others do)."""
+    os.chdir(REPO)  # the data config's paths are relative to the repo
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    history = train_in_process(OVERRIDES, str(run_dir))
+    assert len(history["loss"]) == STEPS
+    return history, run_dir
+
+
+def _start(run_dir, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deltatron.train", *OVERRIDES, f"train.run_dir={run_dir}", *extra],
+        cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _losses_by_step(run_dir) -> dict[int, float]:
+    """The last logged loss of each step in metrics.jsonl (a resumed run logs its steps again)."""
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        record = json.loads(line)
+        if "train/loss" in record:
+            out[record["step"]] = record["train/loss"]
+    return out
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early (code {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.2)
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    step4 = lambda: os.path.exists(run_dir / "metrics.jsonl") and 4 in _losses_by_step(run_dir)  # noqa: E731
+    _wait_for(step4, proc)  # past the checkpoint of step 3, before the one of step 6
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sorted(os.listdir(run_dir / "checkpoints"))[-1] in ("step_0000003", "step_0000006")
+    resumed = _start(run_dir)  # train.resume=auto: the newest complete checkpoint
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout
+    assert [_losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]  # bit for bit
+
+
+def test_sigterm_saves_exits_for_requeue_and_resumes(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for(lambda: os.path.exists(run_dir / "metrics.jsonl") and 1 in _losses_by_step(run_dir), proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    stopped = max(_losses_by_step(run_dir))
+    assert stopped < STEPS and f"preempted (SIGTERM): saved step {stopped}" in stdout
+    assert os.path.isdir(run_dir / "checkpoints" / f"step_{stopped:07d}")
+    history = train_in_process(OVERRIDES, str(run_dir))  # resume=auto, in this process
+    assert history["first_step"] == stopped + 1
+    assert [_losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]
+
+
+def _poison_gradients_at(steps):
+    def patch(trainer):
+        run_schedule = trainer._run_schedule
+
+        def poisoned(batches, forward_only):
+            out = run_schedule(batches, forward_only)
+            if not forward_only and trainer.step in steps:
+                trainer.model[0].buffers[0].grad_data.view(-1)[0] = float("nan")
+            return out
+
+        trainer._run_schedule = poisoned
+    return patch
+
+
+def test_non_finite_gradients_skip_the_update(tmp_path, process_groups, monkeypatch):
+    monkeypatch.chdir(REPO)
+    weights = {}
+
+    def patch(trainer):
+        _poison_gradients_at({2})(trainer)
+        step = trainer.train_step
+
+        def recording(batches):
+            out = step(batches)
+            weights[trainer.step] = [p.detach().clone() for p in trainer.model[0].parameters()]
+            return out
+
+        trainer.train_step = recording
+
+    history = train_in_process(OVERRIDES[:1] + ["train.steps=3", *OVERRIDES[2:]], str(tmp_path / "run"), patch)
+    assert history["skipped_steps"] == [2]
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))  # step 2 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))
+    assert all(math.isfinite(x) for x in history["loss"])
+
+
+def test_consecutive_bad_steps_stop_the_run_naming_the_last_checkpoint(tmp_path, process_groups, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(RuntimeError, match=r"2 bad steps in a row up to step 5 .*step_0000003"):
+        train_in_process(OVERRIDES + ["train.max_bad_steps=2"], str(tmp_path / "run"), _poison_gradients_at({4, 5}))
+
+
+def test_bad_checkpoints_stop_with_their_reason(uninterrupted, tmp_path, process_groups, monkeypatch):
+    _, reference_dir = uninterrupted
+    monkeypatch.chdir(REPO)
+    with pytest.raises(FileNotFoundError, match="train.resume=.*no such directory"):
+        train_in_process(OVERRIDES + [f"train.resume={tmp_path / 'missing'}"], str(tmp_path / "a"))
+    checkpoint = reference_dir / "checkpoints" / "step_0000006"
+    with pytest.raises(ValueError, match="made for another model.*hidden_size"):
+        train_in_process(OVERRIDES + ["model.hidden_size=64", f"train.resume={checkpoint}"], str(tmp_path / "b"))
+    broken = tmp_path / "step_0000006"
+    subprocess.run(["cp", "-r", str(checkpoint), str(broken)], check=True)
+    data_files = [f for f in os.listdir(broken) if f.endswith(".distcp")]
+    assert data_files
+    for name in data_files:  # truncate the tensor data: the metadata still looks complete
+        with open(broken / name, "r+b") as f:
+            f.truncate(os.path.getsize(broken / name) // 2)
+    with pytest.raises(ValueError, match="is corrupt or incomplete: loading it failed"):
+        train_in_process(OVERRIDES + [f"train.resume={broken}"], str(tmp_path / "c"))
