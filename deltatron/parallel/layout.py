@@ -24,6 +24,9 @@ class ParallelConfig:
     # buckets); with the distributed optimizer, also overlap the parameter all-gather
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = False
+    # a collective that takes longer ends the run (with the NCCL flight recorder dumped into
+    # <run_dir or runs>/nccl_trace on GPUs) instead of hanging until the job's wall time
+    timeout_minutes: int = 30
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp

@@ -23,8 +23,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed once (idempotent)."""
+def flight_recorder_env(trace_dir: str) -> dict[str, str]:
+    """Environment that makes NCCL collectives that time out dump torch's flight recorder (the
+    last collectives of every rank, with their state) to <trace_dir>/nccl_trace_rank_<r> and
+    then end the process with an error, instead of hanging until the job's wall time. Read with
+    `python -m torch.distributed.flight_recorder.fr_trace <trace_dir>`."""
+    return {
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # records kept per rank (0 turns it off)
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(os.path.abspath(trace_dir), "nccl_trace_rank_"),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # a failed or timed-out collective ends the process
+    }
+
+
+def init_distributed(timeout_minutes: int = 30, trace_dir: str | None = None) -> None:
+    """Initialise torch.distributed once (idempotent). On GPUs, collectives time out after
+    timeout_minutes and, with trace_dir, dump the NCCL flight recorder there (settings the user
+    exported win)."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -35,6 +50,10 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if trace_dir is not None:
+            os.makedirs(trace_dir, exist_ok=True)
+            for key, value in flight_recorder_env(trace_dir).items():
+                os.environ.setdefault(key, value)
     else:
         cpu_compat.enable()
     dist.init_process_group(
@@ -51,14 +70,17 @@ def init_process_groups(
     vpp: int | None = None,
     cp: int = 1,
     seed: int = 1234,
+    timeout_minutes: int = 30,
+    trace_dir: str | None = None,
 ) -> None:
     """Initialise torch.distributed and megatron-core's model-parallel groups for a layout.
 
     Data parallelism is what remains of the world size; megatron-core checks divisibility.
+    timeout_minutes, trace_dir: see init_distributed.
     """
     from megatron.core import parallel_state
 
-    init_distributed()
+    init_distributed(timeout_minutes, trace_dir)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -82,7 +82,10 @@ class Trainer:
         self.resolved = resolved
         par, train = cfg.parallel, cfg.train
         init_process_groups(
-            tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp, cp=par.cp, seed=train.seed
+            tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp, vpp=par.vpp, cp=par.cp, seed=train.seed,
+            timeout_minutes=par.timeout_minutes,
+            # the run directory is agreed on over the process group, so not known yet by default
+            trace_dir=os.path.join(train.run_dir or "runs", "nccl_trace"),
         )
         self.world_size = dist.get_world_size()
         par.validate(self.world_size, cfg.model)
