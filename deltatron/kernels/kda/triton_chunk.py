@@ -26,7 +26,12 @@ Tiles: C in {16, 32, 64, 128} (64 is the target); sub-chunks of SUB = 16 tokens 
 intra-chunk decays; key channels 32 at a time in the chunk-parallel kernels and whole (padded to a
 power of two, up to 256) in the state passes; value columns 32 at a time in the state passes so a
 single long sequence still spreads over H * NV programs; 8 warps at C = 64 or K = 128 (configs in
-intra_config, state_config, grad_config). All arithmetic is fp32 (16-bit inputs are converted on
+intra_config, state_config, grad_config). From C = 64 on, the chunk-parallel kernels use the
+K = V = 128 tiles for every head size (smaller heads are padded): with 16-wide fp32 tiles and 8
+warps Triton 3.6 miscompiled _grad_chunk_kernel (an out-of-bounds shared-memory read, an illegal
+memory access on the H100). In-block pairs (both tokens in one 16-token sub-block) are one tl.dot
+per key block through a reference row of the sub-block when the in-block log decays are at most
+40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). All arithmetic is fp32 (16-bit inputs are converted on
 load, every intermediate is fp32); tl.dot runs "tf32" products for bf16 / fp16 inputs and
 "tf32x3" (about fp32) for fp32 inputs (triton_common.dot_precision). No autotuning, so a fresh GPU
 compiles each kernel once per shape class. triton_compile_check.py compiles them all for a target

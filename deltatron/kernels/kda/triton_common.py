@@ -13,9 +13,11 @@ A chunk is addressed by its first token t0 and its number n of valid rows (n < C
 last chunk of a sequence). Rows >= n are read as zeros: zero q, k, v, beta and g = 0 (no decay),
 which makes them inert, so they change neither the state nor any valid row.
 
-Decays: every exp() below is of a sum of g's (g <= 0) taken directly from the g's, never of a
-positive number and never of a difference of two prefix sums (which would cancel when a strong
-decay precedes weak ones: g = -20 then -0.001 per token).
+Decays: every exp() below is of a sum of g's taken directly from the g's, never of a difference
+of two prefix sums (which would cancel when a strong decay precedes weak ones: g = -20 then -0.001
+per token). All are of sums <= 0 except the in-block factors exp(-L) of in_block_log_decay, which
+are used only where |L| <= IN_BLOCK_FACTOR_BOUND (40), far from fp32 overflow; past it the in-block
+pairs take the column-by-column path (in_block_decay_step, products of exp(g) <= 1).
 """
 
 from __future__ import annotations
@@ -148,27 +150,6 @@ def cross_block_decays(g, g_next, b, rows, BC: tl.constexpr):
     into_r = tl.cumsum(tl.where(in_b & (rows < r)[:, None], g_next, 0.0), 0, reverse=True)
     right = tl.where(in_b, tl.exp(into_r), 0.0)
     return left, right
-
-
-@triton.jit
-def in_block_decay(g, jj, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                   WITH_DIAGONAL: tl.constexpr):
-    """Decay from local column jj of every sub-block to each row of that sub-block, [C, BK]:
-
-        e[i] = exp(sum_{t in block(i), jj < local(t) <= local(i)} g_t)   if local(i) > jj,
-        e[i] = 1 on the diagonal local(i) == jj if WITH_DIAGONAL (else 0), 0 above it,
-
-    i.e. exp(G_i - G_j) for j = block(i) * BC + jj, summed within the block directly.
-    """
-    NS: tl.constexpr = C // BC
-    g3 = tl.reshape(g, [NS, BC, BK])
-    local = tl.arange(0, BC)[None, :, None]
-    since = tl.cumsum(tl.where(local > jj, g3, 0.0), 1)
-    if WITH_DIAGONAL:
-        e3 = tl.where(local >= jj, tl.exp(since), 0.0)
-    else:
-        e3 = tl.where(local > jj, tl.exp(since), 0.0)
-    return tl.reshape(e3, [C, BK])
 
 
 # In-block pairs go through one product per key block when every |in_block_log_decay| of the

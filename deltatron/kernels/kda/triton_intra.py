@@ -44,9 +44,10 @@ def intra_scores(
     j <= i. Pointers are at this head's column 0; channels are processed BK at a time.
 
     Pairs in different sub-blocks of BC tokens go through a boundary between them (one [C, C]
-    product per boundary, cross_block_decays); pairs inside a sub-block are formed column by
-    column with their own direct decay sums (in_block_decay), gathered as [C, BC] and spread to
-    the diagonal sub-blocks at the end.
+    product per boundary, cross_block_decays); pairs inside a sub-block are one [C, C] product
+    through the sub-block's reference row (in_block_log_decay) when its decays are bounded, else
+    formed column by column (in_block_decay_step), gathered as [C, BC] and spread to the diagonal
+    sub-blocks at the end.
     """
     NS: tl.constexpr = C // BC
     rows = tl.arange(0, C)
