@@ -114,6 +114,15 @@ def test_config_round_trip_and_unsupported_fields(reference):
     got = from_hf_config(hf_cfg, name=cfg.name)
     explicit = dataclasses.replace(cfg, mla_layers=[i + 1 for i in cfg.mla_layer_indices()])
     assert dataclasses.asdict(got) == dataclasses.asdict(explicit)
+    # the published 48B architecture, through transformers' config and back
+    from deltatron.model.hf import to_hf_config
+
+    big = ModelConfig(**yaml.safe_load(open(os.path.join(REPO, "conf", "model", "kimi_linear_48b_a3b.yaml"))))
+    published = to_hf_config(big).to_dict()
+    for key in ("layer_types", "mlp_layer_types"):  # the published config.json has neither
+        published.pop(key)
+    got = from_hf_config(published, name=big.name)
+    assert got.layer_pattern() == big.layer_pattern() and got.parameter_counts() == big.parameter_counts()
     with pytest.raises(ValueError) as err:
         from_hf_config({**hf_cfg, "hidden_act": "gelu", "q_lora_rank": 8, "num_key_value_heads": 1})
     for field in ("hidden_act='gelu'", "q_lora_rank=8", "num_key_value_heads=1"):
@@ -218,6 +227,21 @@ def test_export_import_round_trip_from_ep2_and_pp2(reference, ours, tmp_path):
         tmp_path / "hf-step_0000001", attn_implementation="eager", experts_implementation="eager"
     ).float().eval()
     _assert_close(_logits(loaded), _logits(hf))
+
+
+def test_export_reads_transformer_engine_keys(reference, ours, tmp_path):
+    """A TE model stores the dense MLP's pre-norm inside linear_fc1; export finds it there."""
+    from deltatron.model.export import load_checkpoint_model
+    from deltatron.train.checkpoint import save_sharded
+
+    cfg, _, _ = reference
+    sharded = ours.sharded_state_dict()
+    renamed = sharded["decoder.layers.1.pre_mlp_layernorm.weight"]
+    renamed.key = "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    save_sharded(sharded, str(tmp_path / "te"))
+    loaded = load_checkpoint_model(str(tmp_path / "te"), cfg, training=False)
+    got, want = _weights(loaded), _weights(ours)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _broken_copy(saved: str, dst, edit) -> str:
