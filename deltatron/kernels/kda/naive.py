@@ -50,23 +50,9 @@ def naive_recurrent_kda(
     output_final_state: bool = True,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gated delta rule with per-channel decay, one token at a time in fp32.
+    """Gated delta rule with per-channel decay, one token at a time in fp32: the test oracle.
 
-    Args:
-        q, k: [B, T, H, K], already L2-normalised over K by the caller (not normalised here).
-        v: [B, T, H, V].
-        g: [B, T, H, K] per-channel log decay (<= 0), any float dtype; the decay is exp(g).
-        beta: [B, T, H] write strength, already passed through a sigmoid.
-        scale: multiplies q; defaults to K ** -0.5.
-        initial_state: [N, H, K, V] (computed in fp32) or None for zeros. N = B, or the number of
-            documents when cu_seqlens is given.
-        output_final_state: return the state after the last token of every sequence.
-        cu_seqlens: [N + 1] int32/int64 offsets of packed documents into T (requires B == 1).
-            Every document starts from its own initial_state row and sees no other document.
-
-    Returns:
-        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None when
-        output_final_state is False.
+    Arguments, shapes and returns as `chunk_kda_torch` (chunk.py), without chunk_size.
     """
     shapes = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     qf = q.float() * shapes.scale

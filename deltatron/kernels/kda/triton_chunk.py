@@ -141,26 +141,9 @@ def chunk_kda_triton(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gated delta rule with per-channel decay, chunkwise in Triton, fp32 inside, differentiable.
 
-    Args:
-        q, k: [B, T, H, K], already L2-normalised over K by the caller (not normalised here).
-        v: [B, T, H, V].
-        g: [B, T, H, K] per-channel log decay (<= 0), any float dtype (fp32 preferred).
-        beta: [B, T, H] write strength, already passed through a sigmoid.
-        scale: multiplies q; defaults to K ** -0.5.
-        initial_state: [N, H, K, V] (computed in fp32) or None for zeros. N = B, or the number of
-            documents when cu_seqlens is given.
-        output_final_state: return the state after the last token of every sequence.
-        cu_seqlens: [N + 1] int32/int64 offsets of packed documents into T (requires B == 1).
-            Every document starts from its own initial_state row and sees no other document.
-        chunk_size: tokens per chunk: 16, 32, 64 or 128. T and the documents need not be
-            multiples of it.
-
-    Returns:
-        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] fp32, or None when
-        output_final_state is False. Gradients reach q, k, v, g, beta and initial_state.
-
-    Needs CUDA tensors (or TRITON_INTERPRET=1 set before this module is imported, for CPU);
-    K and V up to 256.
+    Arguments, shapes and returns as `chunk_kda_torch` (chunk.py), except chunk_size: 16, 32, 64
+    or 128 (T and the documents need not be multiples of it). Needs CUDA tensors (or
+    TRITON_INTERPRET=1 set before this module is imported, for CPU); K and V up to 256.
     """
     shapes = check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     if type(chunk_size) is not int or chunk_size not in SUPPORTED_CHUNK_SIZES:
