@@ -99,12 +99,15 @@ def test_mapping_is_a_bijection(reference, ours):
     assert any(".block_sparse_moe.experts.0.w1." in k for k in published)
     runtime = from_published(published)
     assert runtime.keys() == hf_sd.keys() and all(torch.equal(runtime[k], hf_sd[k]) for k in hf_sd)
-    # tied embeddings: no lm_head on either side
+    # tied embeddings: transformers' Kimi Linear does not tie, so lm_head is written as a copy
     tied = dataclasses.replace(cfg, untie_embeddings=False)
     sd = _weights(build_model(tied))
     hf_tied = deltatron_to_hf(sd, tied)
-    assert "lm_head.weight" not in hf_tied
-    assert hf_to_deltatron(hf_tied, tied).keys() == sd.keys()
+    assert torch.equal(hf_tied["lm_head.weight"], sd["embedding.word_embeddings.weight"])
+    again = hf_to_deltatron(hf_tied, tied)
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        hf_to_deltatron({**hf_tied, "lm_head.weight": hf_tied["lm_head.weight"] + 1}, tied)
 
 
 def test_config_round_trip_and_unsupported_fields(reference):
@@ -175,6 +178,25 @@ def test_export_loads_into_transformers_with_equal_logits(reference, ours, tmp_p
     _assert_close(_logits(loaded), _logits(ours))
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_checkpoint(str(tmp_path / "ckpt"), str(out), model=_model_yaml(cfg, tmp_path / "m.yaml"))
+
+
+def test_tied_embeddings_round_trip(reference, tmp_path):
+    from deltatron.model.export import export_checkpoint
+    from deltatron.model.import_hf import import_hf
+    from deltatron.train.checkpoint import load_model, save_model
+
+    cfg = dataclasses.replace(reference[0], untie_embeddings=False)
+    model = _fresh(cfg)
+    save_model([model], str(tmp_path / "ckpt"))
+    export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "hf"), model=_model_yaml(cfg, tmp_path / "m.yaml"))
+    loaded = transformers.KimiLinearForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    _assert_close(_logits(loaded), _logits(model))
+    assert import_hf(str(tmp_path / "hf"), str(tmp_path / "back")).untie_embeddings is False
+    back = build_model(cfg).eval()
+    load_model([back], str(tmp_path / "back"))
+    assert torch.equal(_logits(back), _logits(model))
 
 
 def _save_under_layouts(rank, world_size, cfg_fields, init_ckpt, out_dir):

@@ -87,8 +87,13 @@ def hf_to_deltatron(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     out["decoder.final_norm.weight"] = take("model.norm.weight")
     if cfg.untie_embeddings:
         out["output_layer.weight"] = take("lm_head.weight")
-    else:
-        sd.pop("lm_head.weight", None)
+    elif "lm_head.weight" in sd:
+        lm_head = sd.pop("lm_head.weight")
+        if not torch.equal(lm_head, out["embedding.word_embeddings.weight"]):
+            raise ValueError(
+                "lm_head.weight differs from model.embed_tokens.weight, but the config ties them "
+                "(tie_word_embeddings); import it untied (tie_word_embeddings: false)"
+            )
     mla = set(cfg.mla_layer_indices())
     hk = cfg.kda_num_heads * cfg.kda_head_dim
     for i in range(cfg.num_layers):
@@ -151,8 +156,8 @@ def deltatron_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
     out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")
     out["model.norm.weight"] = take("decoder.final_norm.weight")
-    if cfg.untie_embeddings:
-        out["lm_head.weight"] = take("output_layer.weight")
+    # transformers' Kimi Linear never ties lm_head to the embeddings, so a tied model writes both
+    out["lm_head.weight"] = take("output_layer.weight") if cfg.untie_embeddings else out["model.embed_tokens.weight"]
     mla = set(cfg.mla_layer_indices())
     hk = cfg.kda_num_heads * cfg.kda_head_dim
     for i in range(cfg.num_layers):
