@@ -200,7 +200,7 @@ def test_tied_embeddings_round_trip(reference, tmp_path):
 
 
 def _save_under_layouts(rank, world_size, cfg_fields, init_ckpt, out_dir):
-    """Load the single-process checkpoint under EP2 and under PP2, save it under that layout:
+    """Load the imported checkpoint under EP2 and under PP2, save it under that layout:
     EP2 as a model checkpoint, PP2 in a training checkpoint's structure (model under "model",
     the architecture in the common state)."""
     from deltatron.parallel.setup import init_process_groups
@@ -230,10 +230,10 @@ def _save_under_layouts(rank, world_size, cfg_fields, init_ckpt, out_dir):
 def test_export_import_round_trip_from_ep2_and_pp2(reference, ours, tmp_path):
     from deltatron.model.export import export_checkpoint
     from deltatron.model.import_hf import import_hf
-    from deltatron.train.checkpoint import load_model, save_model
+    from deltatron.train.checkpoint import load_model
 
-    cfg, hf, _ = reference
-    save_model([ours], str(tmp_path / "init"))
+    cfg, hf, saved = reference
+    import_hf(saved, str(tmp_path / "init"))  # the imported checkpoint loads under EP2 and PP2
     run_distributed(_save_under_layouts, 2, dataclasses.asdict(cfg), str(tmp_path / "init"), str(tmp_path))
     ref_logits = _logits(ours)
     for name, model_arg in (("ep2", _model_yaml(cfg, tmp_path / "m.yaml")), ("step_0000001", None)):
