@@ -111,6 +111,41 @@ def _poison_gradients_at(steps):
     return patch
 
 
+def test_init_from_loads_the_weights_and_starts_fresh(uninterrupted, tmp_path, process_groups, monkeypatch):
+    """train.init_from: the weights of a checkpoint (here the uninterrupted run's last training
+    checkpoint), with the optimizer, schedule and data position of a new run."""
+    _, reference_dir = uninterrupted
+    monkeypatch.chdir(REPO)
+    start = {}
+
+    def record(trainer):
+        from deltatron.train.checkpoint import unwrap
+
+        step = trainer.train_step
+
+        def recording(batches):  # the weights the first step starts from
+            if not start:
+                start.update({k: v.clone() for k, v in unwrap(trainer.model[0]).state_dict().items() if torch.is_tensor(v)})
+            return step(batches)
+
+        trainer.train_step = recording
+
+    checkpoint = reference_dir / "checkpoints" / "step_0000008"
+    history = train_in_process(
+        OVERRIDES[:1] + ["train.steps=2", *OVERRIDES[2:], f"train.init_from={checkpoint}"], str(tmp_path / "run"), record
+    )
+    assert history["first_step"] == 1  # a fresh run: step, schedule and data start over
+    from deltatron.model.config import ModelConfig
+    from deltatron.model.model import build_model
+    from deltatron.train.checkpoint import load_model
+
+    expected = build_model(ModelConfig())
+    load_model([expected], str(checkpoint))  # the model part of a training checkpoint
+    for name, tensor in expected.state_dict().items():
+        if torch.is_tensor(tensor) and not name.endswith("_extra_state"):
+            assert torch.equal(start[name], tensor), name
+
+
 def test_non_finite_gradients_skip_the_update(tmp_path, process_groups, monkeypatch):
     monkeypatch.chdir(REPO)
     weights = {}

@@ -67,9 +67,13 @@ def save_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> None:
 
 
 def load_model(chunks: list, checkpoint_dir: str) -> None:
-    """Load weights saved by `save_model` under any parallel layout into these chunks."""
+    """Load weights saved by `save_model` (or the model part of a training checkpoint,
+    deltatron.train.resume) under any parallel layout into these chunks."""
     check_complete(checkpoint_dir)
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), checkpoint_dir)
+    template = model_sharded_state_dict(chunks)
+    state = dist_checkpointing.load(template, checkpoint_dir)
+    # a training checkpoint's common state (progress, scheduler, ...) comes back too: drop it
+    state = {key: state[key] for key in template}
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(state, strict=True)
     else:

@@ -94,6 +94,10 @@ class TrainConfig:
     keep_last: int = 3
     # "none", "auto" (the newest complete checkpoint in save_dir, if any) or a checkpoint path
     resume: str = "auto"
+    # a model checkpoint (deltatron-import's output, or any save_model / training checkpoint's
+    # weights) to start a fresh run from, e.g. to continue pretraining released weights; ignored
+    # when resuming
+    init_from: Optional[str] = None
     # a step whose loss or gradients are not finite, or (loss_spike_factor > 0) whose loss exceeds
     # loss_spike_factor x the mean of the last good losses, is skipped; max_bad_steps in a row
     # stop the run

@@ -347,6 +347,13 @@ class MuonClipOptimizer:
                 out[f"{name}/{e.key}"] = dataclasses.replace(sharded, replica_id=_main_replica(sharded.replica_id))
         return out
 
+    def reload_model_params(self) -> None:
+        """Copy the model's (newly loaded) parameters into the fp32 masters of bf16 parameters,
+        as megatron-core's optimizers do."""
+        for e in self.entries:
+            if e.owned and e.separate_master:
+                e.master.copy_(e.param.data)
+
     def load_state_dict(self, state: dict) -> None:
         """Take the state loaded by dist_checkpointing for `sharded_state_dict`'s template."""
         self.steps = int(state["optimizer.steps"])

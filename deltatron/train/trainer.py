@@ -26,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 
 from deltatron.model.model import build_model, packed_seq_params
 from deltatron.parallel.setup import init_process_groups
+from deltatron.train.checkpoint import load_model
 from deltatron.train.config import RunConfig
 from deltatron.train.flops import peak_tflops, training_flops_per_token
 from deltatron.train.monitor import Monitor, format_duration, is_rank0
@@ -350,6 +351,11 @@ class Trainer:
             monitor.print(
                 f"resumed from {last_checkpoint} at step {progress.step} ({progress.consumed_tokens:,} tokens)"
             )
+        elif train.init_from:
+            load_model(self.model, train.init_from)
+            if hasattr(self.optimizer, "reload_model_params"):  # fp32 master copies of bf16 weights
+                self.optimizer.reload_model_params()
+            monitor.print(f"initialised the model from {train.init_from} (optimizer and data start fresh)")
         first_step = progress.step + 1
         train_iter: Iterator = self.data.train_batches()
         history = {"loss": [], "val_loss": [], "skipped_steps": [], "first_step": first_step, "preempted": False}
