@@ -1,20 +1,20 @@
-"""The trainer under torchrun: a parallel preset on two CPU processes (gloo)."""
+"""launch/torchrun.sh: a parallel preset on two CPU processes (gloo), overrides passed through."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from conftest import REPO, subprocess_env
 
 
-def test_torchrun_two_processes_with_tensor_parallel_preset(tmp_path):
+def test_torchrun_script_two_processes_with_tensor_parallel_preset(tmp_path):
     run_dir = tmp_path / "run"
-    env = subprocess_env(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env = subprocess_env(NPROC="2", PYTHON=sys.executable, WANDB_MODE="disabled")
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--standalone", "-m", "deltatron.train", "parallel=tp2", "train.steps=3",
+        [os.path.join(REPO, "launch", "torchrun.sh"), "parallel=tp2", "train.steps=3",
          "data.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=2",
          "train.eval_interval=0", "logging.log_interval=1", "logging.wandb=false",
          f"train.run_dir={run_dir}"],
