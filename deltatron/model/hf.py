@@ -28,6 +28,19 @@ from deltatron.model.config import ModelConfig
 NON_WEIGHT_SUFFIXES = ("_extra_state", "local_tokens_per_expert")
 
 
+# (transformers' module under self_attn, ours under self_attention) of each mixer's weights that
+# are renamed one to one; both directions of the mapping use these tables
+MLA_LINEARS = (
+    ("q_proj", "linear_q_proj"), ("kv_a_proj_with_mqa", "linear_kv_down_proj"),
+    ("kv_a_layernorm", "kv_layernorm"), ("kv_b_proj", "linear_kv_up_proj"), ("o_proj", "linear_proj"),
+)
+KDA_LINEARS = (
+    ("q_proj", "linear_q"), ("k_proj", "linear_k"), ("v_proj", "linear_v"), ("b_proj", "linear_beta"),
+    ("forget_gate.f_a_proj", "linear_f_a"), ("forget_gate.f_b_proj", "linear_f_b"),
+    ("g_a_proj", "linear_g_a"), ("g_b_proj", "linear_g_b"), ("o_proj", "linear_proj"),
+)
+
+
 def to_hf_config(cfg: ModelConfig, **extra: Any):
     """transformers `KimiLinearConfig` describing the same architecture.
 
@@ -102,19 +115,10 @@ def hf_to_deltatron(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         out[ffn + "pre_mlp_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
         a, s = src + "self_attn.", mix + "self_attention."
         if i in mla:
-            for hf_name, ours in (
-                ("q_proj", "linear_q_proj"), ("kv_a_proj_with_mqa", "linear_kv_down_proj"),
-                ("kv_a_layernorm", "kv_layernorm"), ("kv_b_proj", "linear_kv_up_proj"),
-                ("o_proj", "linear_proj"),
-            ):
+            for hf_name, ours in MLA_LINEARS:
                 out[f"{s}{ours}.weight"] = take(f"{a}{hf_name}.weight")
         else:
-            for hf_name, ours in (
-                ("q_proj", "linear_q"), ("k_proj", "linear_k"), ("v_proj", "linear_v"),
-                ("b_proj", "linear_beta"), ("forget_gate.f_a_proj", "linear_f_a"),
-                ("forget_gate.f_b_proj", "linear_f_b"), ("g_a_proj", "linear_g_a"),
-                ("g_b_proj", "linear_g_b"), ("o_proj", "linear_proj"),
-            ):
+            for hf_name, ours in KDA_LINEARS:
                 out[f"{s}{ours}.weight"] = take(f"{a}{hf_name}.weight")
             conv = take(a + "conv1d.weight").squeeze(1)  # [3*H*dk, W]: q, k, v channels
             out[s + "q_conv"], out[s + "k_conv"], out[s + "v_conv"] = conv.split([hk, hk, hk], 0)
@@ -166,19 +170,10 @@ def deltatron_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
         out[dst + "post_attention_layernorm.weight"] = take(ffn + "pre_mlp_layernorm.weight")
         a, s = dst + "self_attn.", mix + "self_attention."
         if i in mla:
-            for hf_name, ours in (
-                ("q_proj", "linear_q_proj"), ("kv_a_proj_with_mqa", "linear_kv_down_proj"),
-                ("kv_a_layernorm", "kv_layernorm"), ("kv_b_proj", "linear_kv_up_proj"),
-                ("o_proj", "linear_proj"),
-            ):
+            for hf_name, ours in MLA_LINEARS:
                 out[f"{a}{hf_name}.weight"] = take(f"{s}{ours}.weight")
         else:
-            for hf_name, ours in (
-                ("q_proj", "linear_q"), ("k_proj", "linear_k"), ("v_proj", "linear_v"),
-                ("b_proj", "linear_beta"), ("forget_gate.f_a_proj", "linear_f_a"),
-                ("forget_gate.f_b_proj", "linear_f_b"), ("g_a_proj", "linear_g_a"),
-                ("g_b_proj", "linear_g_b"), ("o_proj", "linear_proj"),
-            ):
+            for hf_name, ours in KDA_LINEARS:
                 out[f"{a}{hf_name}.weight"] = take(f"{s}{ours}.weight")
             conv = torch.cat([take(s + "q_conv"), take(s + "k_conv"), take(s + "v_conv")])
             if conv.shape[0] != 3 * hk:
