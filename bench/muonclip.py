@@ -126,9 +126,16 @@ def main() -> None:
                 results[name] = json.load(f)
     m, a = results["muonclip"], results["adamw"]
     device = m["device"].split()[1].lower() if m["device"].startswith("NVIDIA") else m["device"]
+    import datetime
+
+    import megatron.core
+    import triton
+
     record = {
         "device": m["device"],
         "world_size": m["world_size"],
+        "torch": torch.__version__, "triton": triton.__version__, "megatron_core": megatron.core.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "overrides": overrides,
         "steps": args.steps,
         "timed_steps": args.steps - args.warmup,
