@@ -67,6 +67,13 @@ class ModelConfig:
     moe_token_dispatcher: str = "alltoall"
     moe_grouped_gemm: bool = True
 
+    # Residual stream between sub-layers: "standard" (x + f(x)), "attnres" (full Attention
+    # Residuals: each sub-layer's input is a softmax over depth of the embedding and every earlier
+    # sub-layer output) or "block_attnres" (the same over `attnres_blocks` block sums).
+    residual: str = "standard"
+    # Block AttnRes: the 2*num_layers sub-layers are cut into this many contiguous blocks.
+    attnres_blocks: int = 8
+
     norm_eps: float = 1e-5
     init_std: float = 0.02
     untie_embeddings: bool = True
@@ -115,6 +122,13 @@ class ModelConfig:
                 )
         if self.kda_backend not in ("auto", "torch", "naive", "triton"):
             errors.append(f"kda_backend={self.kda_backend!r}: choose auto, torch, naive or triton")
+        if self.residual not in ("standard", "attnres", "block_attnres"):
+            errors.append(f"residual={self.residual!r}: choose standard, attnres or block_attnres")
+        if self.residual == "block_attnres" and not 1 <= self.attnres_blocks <= 2 * self.num_layers:
+            errors.append(
+                f"attnres_blocks={self.attnres_blocks} must be in 1..{2 * self.num_layers} "
+                f"(the model has {2 * self.num_layers} sub-layers: mixer and FFN of each layer)"
+            )
         if self.transformer_impl not in ("auto", "transformer_engine", "local"):
             errors.append(
                 f"transformer_impl={self.transformer_impl!r}: choose auto, transformer_engine or local"
