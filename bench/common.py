@@ -1,0 +1,66 @@
+"""What every benchmark needs: the run config from Hydra overrides, CUDA-synchronised timing and
+the record of the machine, versions and date that goes into each results file."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def compose(overrides: list[str]):
+    """(RunConfig, resolved dict) from conf/ and Hydra overrides, as `python -m deltatron.train`
+    would build them."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from deltatron.train.__main__ import conf_dir, to_run_config
+    from deltatron.train.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return to_run_config(hydra_compose(config_name="config", overrides=overrides))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def device_tag(name: str) -> str:
+    """Short tag for result file names: "NVIDIA H200" -> "h200", "cpu" -> "cpu"."""
+    return name.split()[1].lower() if name.startswith("NVIDIA ") else name.split()[0].lower()
+
+
+def environment() -> dict:
+    """Machine, versions and date for a results file. Versions are the installed distributions'
+    (megatron.core.__version__ appends the git hash of the working directory)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "triton", "megatron-core"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    if torch.cuda.is_available() and torch.cuda.nccl.is_available([torch.zeros(1, device="cuda")]):
+        versions["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return {
+        "device": device_name(),
+        "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,224 @@
+"""Two GPUs over NCCL: every 2-way layout against one GPU on the same model and batches, MuonClip
+distributed over DP2 and TP2 against single-GPU MuonClip, and tokens/s with scaling efficiency.
+
+    python bench/two_gpu.py [--steps 10] [--warmup 3] [--cpu] [--attnres] [hydra overrides ...]
+
+Runs `torchrun --standalone --nproc-per-node 1` once for the single-GPU references (they save the
+initial weights) and `--nproc-per-node 2` once for the layouts, every job of a launch in turn in
+the same processes; each job starts from the same initial weights (`load_model`, as
+train.init_from does) and reads the same global batches (the corpus loader's global sample order
+does not depend on the DP size). Writes bench/results/two_gpu_<device>.json.
+
+Model: the proxy preset cut to 4 layers (3 KDA + 1 MLA, first dense, 32 experts top-8 + shared),
+bf16, sequence 2048, global batch 4 (micro-batch 1), on the bundled corpus. --cpu checks the
+script on CPU processes with gloo instead (tiny model, fp32).
+
+Parity: the loss of every step within LOSS_RTOL (relative) of the single-GPU run's, the same
+threshold for every layout, fixed before measuring. bf16 reductions in another order (TP partial
+sums, DP gradient all-reduce, EP token order) change the rounding, and Adam's normalised update
+carries that into later steps. Scaling efficiency is strong scaling: the same global batch,
+tokens/s on 2 GPUs divided by 2x tokens/s on one.
+--attnres adds Block AttnRes (model.residual=block_attnres, 4 blocks) on one GPU and under PP2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, compose, device_tag, environment, sync  # noqa: E402
+
+LOSS_RTOL = {"bf16": 1e-2, "fp32": 1e-4}
+
+GPU_MODEL = [
+    "model=proxy", "model.num_layers=4", "data.seq_length=2048", "train.micro_batch_size=1",
+    "train.global_batch_size=4", "train.precision=bf16",
+]
+CPU_MODEL = [
+    "model=tiny", "data.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.precision=fp32", "optim.muon_ns_dtype=float32",
+]
+COMMON = ["train.eval_interval=0", "train.save_interval=0", "logging.wandb=false", "optim.warmup_steps=2"]
+ATTNRES = ["model.residual=block_attnres", "model.attnres_blocks=4"]
+
+# name -> (world size, overrides, reference job of the same model and optimizer on one GPU)
+JOBS = {
+    "single": (1, [], None),
+    "single_muonclip": (1, ["optim=muonclip"], None),
+    "tp2": (2, ["parallel=tp2"], "single"),
+    "pp2": (2, ["parallel=pp2"], "single"),
+    "ep2": (2, ["parallel=ep2"], "single"),
+    "dp2": (2, [], "single"),
+    "dp2_muonclip": (2, ["optim=muonclip"], "single_muonclip"),
+    "tp2_muonclip": (2, ["optim=muonclip", "parallel=tp2"], "single_muonclip"),
+}
+ATTNRES_JOBS = {
+    "single_block_attnres": (1, ATTNRES, None),
+    "pp2_block_attnres": (2, ["parallel=pp2", *ATTNRES], "single_block_attnres"),
+}
+
+
+def run_job(name: str, overrides: list[str], init_ckpt: str, steps: int, warmup: int) -> dict:
+    """Train `steps` steps from `init_ckpt` (saving it first if absent); losses and timings."""
+    from megatron.core import parallel_state
+
+    from deltatron.train.checkpoint import load_model, save_model
+    from deltatron.train.trainer import Trainer
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cfg, resolved = compose([*overrides, f"train.steps={steps}"])
+    trainer = Trainer(cfg, resolved)
+    if not os.path.exists(os.path.join(init_ckpt, "metadata.json")):
+        save_model(trainer.model, init_ckpt)
+    load_model(trainer.model, init_ckpt)
+    if hasattr(trainer.optimizer, "reload_model_params"):  # fp32 master copies of bf16 weights
+        trainer.optimizer.reload_model_params()
+    it = trainer.data.train_batches()
+    losses, grad_norms, step_seconds = [], [], []
+    for _ in range(steps):
+        batches = [next(it) for _ in range(trainer.num_microbatches)]
+        sync()
+        start = time.perf_counter()
+        out = trainer.train_step(batches)
+        sync()
+        step_seconds.append(time.perf_counter() - start)
+        losses.append(out["loss"])
+        grad_norms.append(out["grad_norm"])
+    timed = statistics.median(step_seconds[warmup:])
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    peaks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peaks, peak)
+    result = {
+        "layout": cfg.parallel.describe(trainer.world_size),
+        "optimizer": cfg.optim.name,
+        "world_size": trainer.world_size,
+        "tokens_per_step": trainer.tokens_per_step,
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "step_seconds": step_seconds,
+        "median_step_seconds": timed,
+        "tokens_per_sec": trainer.tokens_per_step / timed,
+        "peak_memory_gb_per_rank": peaks,
+        "pipeline_bytes_per_step": getattr(trainer, "pipeline_bytes_per_step", None),
+    }
+    del trainer, it
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    parallel_state.destroy_model_parallel()
+    return result
+
+
+def worker(args, overrides: list[str]) -> None:
+    """Every job of this world size, in these processes; rank 0 writes the results."""
+    import torch.distributed as dist
+
+    results = {}
+    for name in args.jobs.split(","):
+        results[name] = run_job(name, [*overrides, *JOBS_ALL[name][1], f"train.run_dir={args.tmp}/run-{name}"],
+                                os.path.join(args.tmp, "init"), args.steps, args.warmup)
+        if dist.get_rank() == 0:
+            r = results[name]
+            print(f"[two_gpu] {name}: losses {[round(x, 4) for x in r['losses']]} "
+                  f"{r['tokens_per_sec']:,.0f} tokens/s", flush=True)
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.tmp, f"world{dist.get_world_size()}.json"), "w") as f:
+            json.dump({"results": results, "environment": environment()}, f)
+
+
+def compare(results: dict, precision: str) -> dict:
+    """Per layout: loss deviation from its single-GPU reference, parity verdict, scaling."""
+    rtol = LOSS_RTOL[precision]
+    table = {}
+    for name, r in results.items():
+        ref_name = JOBS_ALL[name][2]
+        row = {k: r[k] for k in ("layout", "optimizer", "world_size", "tokens_per_sec", "peak_memory_gb_per_rank")}
+        if r["pipeline_bytes_per_step"] is not None:
+            row["pipeline_bytes_per_step"] = r["pipeline_bytes_per_step"]
+        if ref_name:
+            ref = results[ref_name]
+            rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])]
+            row.update(
+                reference=ref_name,
+                max_loss_rel_diff=max(rel),
+                final_loss=r["losses"][-1],
+                reference_final_loss=ref["losses"][-1],
+                loss_parity=max(rel) <= rtol,
+                scaling_efficiency=r["tokens_per_sec"] / (r["world_size"] * ref["tokens_per_sec"]),
+            )
+        table[name] = row
+    return table
+
+
+JOBS_ALL = {**JOBS, **ATTNRES_JOBS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU processes, tiny model, fp32")
+    parser.add_argument("--attnres", action="store_true", help="add the Block AttnRes jobs")
+    parser.add_argument("--out", default=None, help="default: bench/results/two_gpu_<device>.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.worker:
+        return worker(args, overrides)
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if not args.cpu and torch.cuda.device_count() < 2:
+        raise SystemExit(f"two GPUs needed, {torch.cuda.device_count()} visible; --cpu runs on CPU processes")
+    base = [*(CPU_MODEL if args.cpu else GPU_MODEL), *COMMON, *overrides]
+    jobs = {**JOBS, **(ATTNRES_JOBS if args.attnres else {})}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    if args.cpu:
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    results, machine = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            names = [n for n, (w, _, _) in jobs.items() if w == world]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                   os.path.abspath(__file__), "--worker", "--jobs", ",".join(names), "--tmp", tmp,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), *base]
+            subprocess.run(cmd, check=True, env=env, cwd=REPO)
+            with open(os.path.join(tmp, f"world{world}.json")) as f:
+                part = json.load(f)
+            results.update(part["results"])
+            machine = part["environment"]
+    precision = "fp32" if args.cpu else "bf16"
+    table = compare(results, precision)
+    record = {
+        "benchmark": "two_gpu", **machine,
+        "backend": "gloo" if args.cpu else "nccl",
+        "overrides": base,
+        "steps": args.steps, "timed_steps": args.steps - args.warmup,
+        "loss_rtol": LOSS_RTOL[precision],
+        "table": table,
+        "runs": results,
+    }
+    out = args.out or os.path.join(REPO, "bench", "results", f"two_gpu_{device_tag(machine['device'])}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"{'job':<22}{'tokens/s':>10}{'scaling':>9}{'max loss rel diff':>19}{'parity':>8}")
+    for name, row in table.items():
+        print(f"{name:<22}{row['tokens_per_sec']:>10,.0f}{row.get('scaling_efficiency', 1.0):>9.2f}"
+              f"{row.get('max_loss_rel_diff', 0.0):>19.2e}{str(row.get('loss_parity', '-')):>8}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
