@@ -58,8 +58,8 @@ check_overrides() {
     case $arg in
       -*)
         echo "error: '$arg' is not a Hydra override: every argument is passed to deltatron.train" \
-          "as key=value (sbatch options go before the script: sbatch [options] launch/slurm.sbatch" \
-          "overrides..., or in launch/submit.sh's environment: NODES, GPUS_PER_NODE, ...)" >&2
+          "as key=value; launcher settings are environment variables (see the launch script's" \
+          "header), and sbatch options go before the script: sbatch [options] launch/slurm.sbatch" >&2
         return 2
         ;;
       *=* | "~"*) ;;

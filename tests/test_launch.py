@@ -220,3 +220,98 @@ def test_first_host_parses_node_lists_without_scontrol(nodelist, first):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == first
+
+
+# deepspeed stand-in: parses its options with the same names and order rules as DeepSpeed's
+# runner (options, then the script or module, then its arguments), records argv and the exported
+# environment file, and runs the worker for one process the way deepspeed.launcher.launch does:
+# `python -u -m <module> <args>` plus `--local_rank=0` unless --no_local_rank, with RANK,
+# LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
+FAKE_DEEPSPEED = r'''
+import argparse, json, os, subprocess, sys
+p = argparse.ArgumentParser(allow_abbrev=False)
+p.add_argument("-H", "--hostfile")
+p.add_argument("--num_nodes", type=int, default=-1)
+p.add_argument("--num_gpus", type=int, default=-1)
+p.add_argument("--master_addr", default="")
+p.add_argument("--master_port", type=int, default=29500)
+p.add_argument("--launcher", default="pdsh")
+p.add_argument("--module", action="store_true")
+p.add_argument("--no_python", action="store_true")
+p.add_argument("--no_local_rank", action="store_true")
+p.add_argument("user_script")
+p.add_argument("user_args", nargs=argparse.REMAINDER)
+a = p.parse_args()
+env_file = os.environ.get("DS_ENV_FILE")
+exported = dict(line.rstrip("\n").split("=", 1) for line in open(env_file)) if env_file else {}
+with open(os.environ["FAKE_DEEPSPEED_LOG"], "w") as f:
+    json.dump({"argv": sys.argv[1:], "exported": exported}, f)
+cmd = [sys.executable, "-u"] + (["-m"] if a.module else []) + [a.user_script] + a.user_args
+if not a.no_local_rank:
+    cmd.append("--local_rank=0")
+env = dict(os.environ, **exported, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+           MASTER_ADDR=a.master_addr or "127.0.0.1", MASTER_PORT=str(a.master_port))
+sys.exit(subprocess.call(cmd, env=env))
+'''
+
+
+def test_deepspeed_script_builds_the_launcher_command_and_trains(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "deepspeed", FAKE_DEEPSPEED)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one machine\nlocalhost slots=1\n")
+    log = tmp_path / "deepspeed.json"
+    run_dir = tmp_path / "run"
+    env = subprocess_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", DEEPSPEED="deepspeed", HOSTFILE=str(hostfile),
+        NUM_NODES="1", NUM_GPUS="1", MASTER_PORT="29611", FAKE_DEEPSPEED_LOG=str(log),
+        WANDB_MODE="disabled",
+    )
+    overrides = [
+        "train.steps=2", "data.seq_length=64", "data.mock=true", "train.micro_batch_size=2",
+        "train.global_batch_size=2", "train.eval_interval=0", "logging.log_interval=1",
+        "logging.wandb=false", f"train.run_dir={run_dir}",
+    ]
+    out = subprocess.run(
+        [os.path.join(REPO, "launch", "deepspeed.sh"), *overrides],
+        capture_output=True, text=True, cwd="/", env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.load(open(log))
+    assert record["argv"] == [
+        "--hostfile", str(hostfile), "--launcher", "pdsh", "--num_nodes", "1", "--num_gpus", "1",
+        "--master_port", "29611", "--no_local_rank", "--module", "deltatron.train", *overrides,
+    ]
+    assert record["exported"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert record["exported"]["WANDB_MODE"] == "disabled"
+    assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "hostfile_text, env_extra, message",
+    [
+        (None, {}, "does not exist"),
+        ("node1 8\n", {}, "are not '<host> slots=<GPUs>'"),
+        ("node1 slots=8\n", {"NUM_GPUS": "eight"}, "NUM_GPUS=eight must be a positive integer"),
+    ],
+)
+def test_deepspeed_script_rejects_bad_hostfiles_and_counts(tmp_path, hostfile_text, env_extra, message):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "deepspeed", "import sys; sys.exit('must not be reached')")
+    hostfile = tmp_path / "hostfile"
+    if hostfile_text is not None:
+        hostfile.write_text(hostfile_text)
+    env = subprocess_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DEEPSPEED="deepspeed",
+                         HOSTFILE=str(hostfile), **env_extra)
+    out = subprocess.run([os.path.join(REPO, "launch", "deepspeed.sh"), "train.steps=1"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_deepspeed_script_without_deepspeed_names_the_extra(tmp_path):
+    env = subprocess_env(DEEPSPEED=str(tmp_path / "missing-deepspeed"))
+    out = subprocess.run([os.path.join(REPO, "launch", "deepspeed.sh"), "train.steps=1"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "pip install -e '.[deepspeed]'" in out.stderr
