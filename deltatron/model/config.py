@@ -185,6 +185,8 @@ class ModelConfig:
             linear_num_value_heads=self.kda_num_heads,
             kda_chunk_size=self.kda_chunk_size,
             kda_backend=self.kda_backend,
+            residual=self.residual,
+            attnres_blocks=self.attnres_blocks,
             transformer_impl=resolve_transformer_impl(self.transformer_impl),
         )
         if has_moe:
@@ -272,10 +274,13 @@ def _kimi_transformer_config_cls():
 
     @dataclass
     class KimiLinearTransformerConfig(MLATransformerConfig):
-        """megatron-core MLA config plus the KDA fields megatron-core does not have."""
+        """megatron-core MLA config plus the KDA and AttnRes fields megatron-core does not have."""
 
         kda_chunk_size: int = 64
         kda_backend: str = "auto"
+        # residual stream between sub-layers (ModelConfig.residual, attnres_blocks)
+        residual: str = "standard"
+        attnres_blocks: int = 8
 
     return KimiLinearTransformerConfig
 

@@ -49,6 +49,11 @@ def to_hf_config(cfg: ModelConfig, **extra: Any):
     """
     from transformers import KimiLinearConfig
 
+    if cfg.residual != "standard":
+        raise ValueError(
+            f"model.residual={cfg.residual}: transformers' Kimi Linear has standard residuals only, so "
+            "an Attention Residuals model has no Hugging Face equivalent to export to or import from"
+        )
     for token in ("pad_token_id", "bos_token_id", "eos_token_id"):
         extra.setdefault(token, None)
     extra.setdefault("max_position_embeddings", cfg.max_sequence_length)

@@ -60,16 +60,19 @@ def build_model(
     overrides = dict(transformer_config_overrides)
     overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
     tc = cfg.to_transformer_config(**overrides)
+    pattern = layer_pattern or cfg.layer_pattern()
     spec = kimi_linear_stack_spec(
         tc.transformer_impl, num_experts=cfg.num_experts, grouped_gemm=bool(tc.moe_grouped_gemm),
-        kv_norm_eps=cfg.mla_kv_norm_eps,
+        kv_norm_eps=cfg.mla_kv_norm_eps, residual=cfg.residual,
+        # one symbol per sub-layer, '|' between pipeline stages
+        stage_sublayers=tuple(len(seg) for seg in pattern.split("|")),
     )
     return HybridModel(
         config=tc,
         hybrid_stack_spec=spec,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
-        hybrid_layer_pattern=layer_pattern or cfg.layer_pattern(),
+        hybrid_layer_pattern=pattern,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not cfg.untie_embeddings,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
@@ -91,13 +93,34 @@ def _fixed_eps_norm(norm: type, eps: float):
     return build
 
 
+def get_bias_dropout(training: bool, fused: bool):
+    """A bias-dropout without the residual add, in the place of megatron-core's
+    `get_bias_dropout_add`: AttnRes sub-layers return f(norm(h)) and the stack forms the next input.
+    fused: ignored (there is no add to fuse)."""
+
+    def bias_dropout(x_with_bias, residual, prob):
+        x, bias = x_with_bias
+        if bias is not None:
+            x = x + bias
+        return torch.nn.functional.dropout(x, p=prob, training=training)
+
+    return bias_dropout
+
+
 def kimi_linear_stack_spec(
-    transformer_impl: str, num_experts: int, grouped_gemm: bool, kv_norm_eps: float
+    transformer_impl: str, num_experts: int, grouped_gemm: bool, kv_norm_eps: float,
+    residual: str = "standard", stage_sublayers: tuple[int, ...] | None = None,
 ) -> ModuleSpec:
-    """Spec of the whole decoder stack. transformer_impl: "transformer_engine" or "local"."""
+    """Spec of the whole decoder stack. transformer_impl: "transformer_engine" or "local".
+
+    residual: "standard" (megatron-core's hybrid stack, residual add in every sub-layer) or
+    "attnres"/"block_attnres" (deltatron.model.attnres.AttnResStack over sub-layers without the
+    add). stage_sublayers: sub-layers of each pipeline stage (AttnRes under pipeline parallelism).
+    """
     from deltatron.model.model import KimiLinearStack
 
     b = _te_backend() if transformer_impl == "transformer_engine" else _local_backend()
+    bda = get_bias_dropout_add if residual == "standard" else get_bias_dropout
 
     kda_layer = ModuleSpec(
         module=TransformerLayer,
@@ -118,7 +141,7 @@ def kimi_linear_stack_spec(
                     linear_proj=b.row,
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=bda,
         ),
     )
     mla_layer = ModuleSpec(
@@ -138,7 +161,7 @@ def kimi_linear_stack_spec(
                     kv_layernorm=_fixed_eps_norm(b.norm, kv_norm_eps),
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=bda,
         ),
     )
     mlp_layer = ModuleSpec(
@@ -149,7 +172,7 @@ def kimi_linear_stack_spec(
                 MLP.as_mlp_submodule,
                 submodules=MLPSubmodules(linear_fc1=b.mlp_fc1, linear_fc2=b.row),
             ),
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=bda,
         ),
     )
     moe_layer = ModuleSpec(
@@ -159,12 +182,18 @@ def kimi_linear_stack_spec(
             mlp=get_moe_module_spec(
                 use_te=b.use_te, num_experts=max(num_experts, 1), moe_grouped_gemm=grouped_gemm
             ),
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=bda,
         ),
     )
+    if residual == "standard":
+        stack, params = KimiLinearStack, {"final_norm": b.norm}
+    else:
+        from deltatron.model.attnres import AttnResStack
+
+        stack, params = AttnResStack, {"final_norm": b.norm, "stage_sublayers": stage_sublayers}
     return ModuleSpec(
-        module=KimiLinearStack,
-        params={"final_norm": b.norm},
+        module=stack,
+        params=params,
         submodules=HybridStackSubmodules(
             gdn_layer=kda_layer, mla_layer=mla_layer, mlp_layer=mlp_layer, moe_layer=moe_layer
         ),

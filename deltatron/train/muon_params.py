@@ -20,7 +20,7 @@ PARAM_RULE = (
     "`weight` or `weightN`), except the MoE router. Fused projections are split into their logical "
     "matrices (SwiGLU fc1 -> gate, up; MLA kv up-projection -> key, value) and every MoE expert is "
     "its own matrix. AdamW: everything else - token embedding and output layer, norms, biases, "
-    "1-D parameters, KDA's short-convolution kernels (*_conv), A_log and dt_bias, the router. "
+    "1-D parameters (AttnRes pseudo-queries and key norms among them), KDA's short-convolution kernels (*_conv), A_log and dt_bias, the router. "
     "AdamW weight decay follows megatron-core's rule: none on biases and 1-D parameters."
 )
 
