@@ -252,3 +252,24 @@ def test_depth_metrics_are_softmax_means_and_output_rms(seeded):
     assert [m[f"attnres/weight/subfinal/src{j}"] for j in range(4)] == pytest.approx([0.25] * 4)
     assert all(m[f"attnres/output_rms/sub{l:02d}"] > 0 for l in range(L))
     assert collect_depth_metrics([build_model(ModelConfig(**SMALL))]) == {}
+
+
+def test_attnres_cli_config_and_tiny_training_run(tmp_path, process_groups, monkeypatch):
+    """model.residual=block_attnres model.attnres_blocks=4 from the command line: trains, the loss
+    falls, and the depth metrics are logged at log steps."""
+    import json
+
+    from conftest import REPO, train_in_process
+
+    monkeypatch.chdir(REPO)
+    history = train_in_process(
+        ["model=tiny", "model.residual=block_attnres", "model.attnres_blocks=4", "train.steps=6",
+         "data.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=2",
+         "train.eval_interval=0", "logging.wandb=false", "logging.log_interval=3", "optim.warmup_steps=1"],
+        str(tmp_path / "run"),
+    )
+    assert history["loss"][-1] < history["loss"][0]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [r for r in records if "attnres/weight/subfinal/src0" in r]
+    assert [r["step"] for r in logged] == [1, 3, 6]
+    assert "attnres/output_rms/sub07" in logged[-1]

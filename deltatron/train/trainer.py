@@ -24,6 +24,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from deltatron.model.attnres import collect_depth_metrics, start_depth_metrics
 from deltatron.model.model import build_model, packed_seq_params
 from deltatron.parallel.setup import init_process_groups
 from deltatron.train.checkpoint import load_model
@@ -128,6 +129,13 @@ class Trainer:
         tc.finalize_model_grads_func = finalize_model_grads
         tc.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
+        # AttnRes stages hand on a varying number of block representations (attnres_pipeline)
+        self.attnres_pipeline = cfg.model.residual != "standard" and par.pp > 1
+        self.schedule_kwargs = {}
+        if self.attnres_pipeline:
+            from deltatron.parallel.attnres_pipeline import schedule_kwargs
+
+            self.schedule_kwargs = schedule_kwargs(tc)
         self.flops_per_token = training_flops_per_token(cfg.model, self.seq_length)
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak_tflops, self.peak_source = peak_tflops(device_name, cfg.logging.peak_tflops)
@@ -148,6 +156,13 @@ class Trainer:
 
     def _build_model_chunks(self) -> list:
         par = self.cfg.parallel
+        attnres_pipeline = self.cfg.model.residual != "standard" and par.pp > 1
+        if attnres_pipeline and self.cfg.model.moe_token_dispatcher == "allgather":
+            raise ValueError(
+                f"model.residual={self.cfg.model.residual} with parallel.pp={par.pp} sends hand-offs of "
+                "varying size (variable_seq_lengths), which megatron-core's allgather MoE dispatcher "
+                "refuses; set model.moe_token_dispatcher=alltoall"
+            )
         stages = par.pp * (par.vpp or 1)
         pattern = stage_pattern(self.cfg.model.layer_pattern(), stages, par.pipeline_layers)
         bf16 = self.precision == "bf16"
@@ -162,7 +177,9 @@ class Trainer:
             bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-            variable_seq_lengths=False,
+            # AttnRes stages hand on a varying number of [S, B, D] sources packed along the
+            # sequence dim, so shapes are exchanged before each tensor
+            variable_seq_lengths=attnres_pipeline,
             # Batched p2p (batch_isend_irecv) posts send_prev before send_next; with two pipeline
             # ranks both go to the same peer, whose receives are posted the other way round, so
             # under interleaving an activation and a gradient of equal shape can swap. The
@@ -229,7 +246,8 @@ class Trainer:
         else:
             seq_length, mbs = self.seq_length, self.cfg.train.micro_batch_size
         iterators = [iter(batches) for _ in self.model]
-        return self.forward_backward(
+        run = partial(
+            self.forward_backward,
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
@@ -237,7 +255,14 @@ class Trainer:
             seq_length=seq_length,
             micro_batch_size=mbs,
             forward_only=forward_only,
+            **self.schedule_kwargs,
         )
+        if not self.attnres_pipeline:
+            return run()
+        from deltatron.parallel.attnres_pipeline import schedule_scope
+
+        with schedule_scope(forward_only):
+            return run()
 
     def _mean_loss(self, loss_dicts: list) -> float:
         """Token-weighted mean loss over micro-batches, data-parallel ranks and onto rank 0."""
@@ -365,7 +390,13 @@ class Trainer:
         with PreemptionSignal(self.device) as preemption:
             for self.step in range(first_step, train.steps + 1):
                 batches = [next(train_iter) for _ in range(self.num_microbatches)]
+                logging_step = (
+                    self.step % cfg.logging.log_interval == 0 or self.step == train.steps or self.step == first_step
+                )
+                if logging_step:  # AttnRes depth weights and output RMS, recorded on this step only
+                    start_depth_metrics(self.model)
                 out = self.train_step(batches)
+                depth_metrics = collect_depth_metrics(self.model) if logging_step else {}
                 progress.step, progress.consumed_tokens = self.step, progress.consumed_tokens + self.tokens_per_step
                 history["loss"].append(out["loss"])
                 window_tokens += self.tokens_per_step
@@ -382,7 +413,7 @@ class Trainer:
                         )
                 else:
                     bad_in_a_row = 0
-                if self.step % cfg.logging.log_interval == 0 or self.step == train.steps or self.step == first_step:
+                if logging_step:
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
                     elapsed = time.time() - window_start
@@ -400,6 +431,7 @@ class Trainer:
                     if mfu is not None:
                         metrics["perf/mfu"] = mfu
                     metrics.update(out["optim_metrics"])
+                    metrics.update(depth_metrics)
                     monitor.log(self.step, metrics)
                     monitor.print(
                         f"step {self.step}/{train.steps} | loss {out['loss']:.4f} | lr {lr:.3e} | "
