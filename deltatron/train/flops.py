@@ -24,20 +24,43 @@ PEAK_TFLOPS_BF16 = {
 }
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+def mla_attention_flops(cfg: ModelConfig, seq_length: int) -> float:
+    """Forward FLOPs per token of one MLA layer's scores and values (causal)."""
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    return 2.0 * cfg.mla_num_heads * (qk + cfg.v_head_dim) * seq_length / 2
+
+
+def kda_recurrence_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of one KDA layer's chunkwise recurrence (Kimi Linear eq. 13/14)."""
+    d, c = cfg.kda_head_dim, cfg.kda_chunk_size
+    return cfg.kda_num_heads * (6 * d * d + 3 * c * d + c * c)
+
+
+def training_flops_breakdown(cfg: ModelConfig, seq_length: int) -> dict[str, float]:
+    """Training FLOPs per token by the kind of kernel that executes them (they run at different
+    rates, see deltatron.parallel.planner): "dense" matmuls (KDA/MLA projections, dense FFN,
+    router, shared experts, output layer), "experts" (the top-k routed experts' GEMMs),
+    "attention" (MLA scores and values) and "kda" (the chunkwise recurrence). Sums to
+    `training_flops_per_token`."""
     counts = cfg.parameter_counts()
     emb = cfg.vocab_size * cfg.hidden_size
+    num_moe = cfg.num_layers - cfg.first_k_dense if cfg.first_k_dense < cfg.num_layers else 0
+    routed = num_moe * cfg.moe_topk * 3 * cfg.hidden_size * cfg.moe_ffn_hidden_size
     # activated matrix parameters: the embedding is a lookup, the output layer a matmul; norm
     # weights, conv taps, A_log and dt_bias are negligible and counted as if matmuls.
     matmul_params = counts["active_no_embedding"] + emb
-    forward = 2.0 * matmul_params
     num_mla = len(cfg.mla_layer_indices())
     num_kda = cfg.num_layers - num_mla
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    forward += num_mla * 2.0 * cfg.mla_num_heads * (qk + cfg.v_head_dim) * seq_length / 2
-    d, c = cfg.kda_head_dim, cfg.kda_chunk_size
-    forward += num_kda * cfg.kda_num_heads * (6 * d * d + 3 * c * d + c * c)
-    return 3.0 * forward
+    return {
+        "dense": 3.0 * 2.0 * (matmul_params - routed),
+        "experts": 3.0 * 2.0 * routed,
+        "attention": 3.0 * num_mla * mla_attention_flops(cfg, seq_length),
+        "kda": 3.0 * num_kda * kda_recurrence_flops(cfg),
+    }
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    return sum(training_flops_breakdown(cfg, seq_length).values())
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> tuple[float | None, str]:

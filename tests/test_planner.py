@@ -1,0 +1,201 @@
+"""deltatron-plan: parameter arithmetic against the built model, how memory terms scale with the
+layout, rejection of layouts that do not fit, and every 48B preset in conf/parallel/."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+
+import pytest
+import yaml
+
+from deltatron.model.config import ModelConfig
+from deltatron.parallel.layout import ParallelConfig
+from deltatron.parallel.planner import (
+    GPUS, GiB, build_plan, embedding_params, main, params_by_kind, pipeline_ranks, plan_from_overrides,
+    sublayer_kinds,
+)
+
+from conftest import REPO
+
+A3B = ModelConfig(**yaml.safe_load(open(f"{REPO}/conf/model/kimi_linear_48b_a3b.yaml")))
+PRESET_GLOB = f"{REPO}/conf/parallel/a3b48_*.yaml"
+
+
+def _model(name: str) -> ModelConfig:
+    return ModelConfig(**yaml.safe_load(open(f"{REPO}/conf/model/{name}.yaml")))
+
+
+@pytest.mark.parametrize("name", ["tiny", "proxy"])
+def test_parameter_arithmetic_matches_the_model_built_on_meta(process_groups, name):
+    """Per sub-layer kind: total, routed-expert and TP-replicated parameters, as built."""
+    from deltatron.model.model import build_model_on_meta
+
+    cfg = _model(name)
+    model = build_model_on_meta(cfg)
+    kinds = sublayer_kinds(cfg)
+    built: dict[str, dict[str, int]] = {}
+    other = {}
+    for pname, p in model.named_parameters():
+        m = re.match(r"decoder\.layers\.(\d+)\.", pname)
+        if not m:
+            other[pname] = p.numel()
+            continue
+        kind = kinds[int(m[1])]
+        entry = built.setdefault(kind, {"total": 0, "experts": 0, "replicated": 0, "layers": set()})
+        entry["total"] += p.numel()
+        entry["layers"].add(int(m[1]))
+        if ".local_experts." in pname:
+            entry["experts"] += p.numel()
+        # kv_down is a column-parallel linear at TP1 only; under TP it is replicated (model/mla.py)
+        elif not getattr(p, "tensor_model_parallel", False) or "linear_kv_down_proj" in pname:
+            entry["replicated"] += p.numel()
+    expected = params_by_kind(cfg)
+    for kind, entry in built.items():
+        n = len(entry["layers"])
+        assert entry["total"] == n * expected[kind].total, kind
+        assert entry["experts"] == n * expected[kind].experts, kind
+        assert entry["replicated"] == n * expected[kind].replicated, kind
+    assert other["embedding.word_embeddings.weight"] == embedding_params(cfg)
+    assert other["output_layer.weight"] == cfg.vocab_size * cfg.hidden_size
+    assert other["decoder.final_norm.weight"] == cfg.hidden_size
+    assert sum(p.numel() for p in model.parameters()) == cfg.parameter_counts()["total"]
+
+
+def test_pipeline_split_is_the_trainers():
+    from deltatron.train.trainer import stage_pattern
+
+    for pp, vpp, layers in [(2, None, None), (4, None, None), (2, 3, None), (3, None, [10, 10, 7])]:
+        par = ParallelConfig(pp=pp, vpp=vpp, pipeline_layers=layers)
+        stages = stage_pattern(A3B.layer_pattern(), pp * (vpp or 1), layers).split("|")
+        ranks = pipeline_ranks(A3B, par)
+        for s, pattern in enumerate(stages):
+            assert len(ranks[s % pp][s // pp]) * 2 == len(pattern)
+
+
+def _plan(par: ParallelConfig, world: int, gpu: str = "h100", **kw):
+    args = dict(seq_length=4096, micro_batch_size=1, global_batch_size=2048)
+    args.update(kw)
+    return build_plan(A3B, par, world=world, gpu=GPUS[gpu], **args)
+
+
+def test_memory_terms_scale_with_the_layout():
+    base = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True), 64)
+    r0 = base.ranks[0]
+    # DP x2 (world x2): optimizer state halves (dense over dp, experts over expert-dp); weights,
+    # gradients and activations per GPU are unchanged
+    wide = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True), 128).ranks[0]
+    assert wide.optimizer == pytest.approx(r0.optimizer / 2)
+    assert (wide.weights, wide.gradients, wide.activations) == (r0.weights, r0.gradients, r0.activations)
+    # EP x2: routed expert weights per GPU halve
+    moe = params_by_kind(A3B)["moe"]
+    stage0_moe_layers = sum(1 for i in r0.layers if i >= A3B.first_k_dense)
+    ep16 = _plan(ParallelConfig(tp=2, pp=2, ep=16, etp=1, sequence_parallel=True), 64).ranks[0]
+    assert r0.params - ep16.params == pytest.approx(stage0_moe_layers * moe.experts / 16)
+    # TP x2: the TP-sharded parameters halve, replicated ones stay; activations shrink
+    tp4 = _plan(ParallelConfig(tp=4, pp=2, ep=8, etp=1, sequence_parallel=True), 64).ranks[0]
+    kinds = sublayer_kinds(A3B)
+    sharded = sum(params_by_kind(A3B)[kinds[2 * i + j]].sharded for i in r0.layers for j in (0, 1))
+    sharded += embedding_params(A3B)
+    assert r0.params - tp4.params == pytest.approx(sharded / 2 - sharded / 4)
+    assert tp4.activations < r0.activations
+    # PP: 1F1B keeps pp micro-batches in flight on the first stage, 1 on the last
+    pp4 = _plan(ParallelConfig(tp=2, pp=4, ep=8, etp=1, sequence_parallel=True), 64)
+    assert [r.in_flight for r in pp4.ranks] == [4, 3, 2, 1]
+    assert [r.in_flight for r in base.ranks] == [2, 1]
+    # interleaving holds more: pp * (1 + (pp - 1) / (pp * vpp)) on the first rank
+    vpp = _plan(ParallelConfig(tp=2, pp=4, vpp=2, ep=8, etp=1, sequence_parallel=True), 64).ranks[0]
+    assert vpp.in_flight == pytest.approx(4 * (1 + 3 / 8))
+    # sequence parallelism divides the residual-stream activations; full recompute keeps inputs only
+    no_sp = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1), 64, optimizer="adamw")
+    assert no_sp.ranks[0].activations > r0.activations
+    recompute = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True), 64, recompute="full")
+    assert recompute.ranks[0].activations < r0.activations / 10
+    assert recompute.step_seconds > base.step_seconds
+    # micro-batch x2: activations x2
+    mb2 = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True), 64, micro_batch_size=2)
+    assert mb2.ranks[0].activations == pytest.approx(2 * r0.activations)
+
+
+def test_muonclip_keeps_less_state_than_adamw_and_block_attnres_adds_its_cache():
+    par = ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True)
+    adam, muon = _plan(par, 64), _plan(par, 64, optimizer="muonclip")
+    # Muon matrices: master + momentum (8 B) instead of master + 2 moments (12 B)
+    assert 0.6 < muon.ranks[0].optimizer / adam.ranks[0].optimizer < 0.75
+    import dataclasses
+
+    blocks = dataclasses.replace(A3B, residual="block_attnres", attnres_blocks=9)
+    plan = build_plan(blocks, par, world=64, gpu=GPUS["h100"], seq_length=4096, micro_batch_size=1, global_batch_size=2048)
+    r = plan.ranks[0]
+    tokens_per_rank = 4096 / 2  # sequence parallel over TP2
+    assert r.attnres_cache == pytest.approx(10 * 2 * A3B.hidden_size * tokens_per_rank * r.in_flight)
+
+
+def test_layout_over_the_limit_is_rejected_with_its_numbers(capsys):
+    # 49B parameters with AdamW's 18 B/param of weights, gradients and state need ~860 GiB: 8 x 80 GB is too small
+    rc = main(["--gpus", "8", "--gpu", "h100", "model=kimi_linear_48b_a3b", "parallel.tp=2",
+               "parallel.sequence_parallel=true", "parallel.ep=8", "parallel.etp=1",
+               "train.micro_batch_size=1", "train.global_batch_size=64", "data.seq_length=4096"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    m = re.search(r"DOES NOT FIT: pp0 needs ([\d.]+) GiB > 79.65 GiB \(optimizer state ([\d.]+)", out)
+    assert m and float(m[1]) > 79.65 and float(m[2]) > 40, out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpus", "6", "parallel.tp=4"], "world size 6 is not divisible by tp*pp*cp"),
+        (["--gpus", "8", "parallel.tpp=2"], "tpp"),
+        (["--gpus", "8", "--gpu", "a100", "parallel.tp=2"], "choose one of h100, h200"),
+        (["--gpus", "8", "model=tiny", "parallel.ep=3"], "experts (8) are not divisible by ep=3"),
+    ],
+)
+def test_bad_input_names_the_problem(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def _preset_plans():
+    """(preset, planner argv, the numbers its comment states) for every plan line of every preset."""
+    out = []
+    for path in sorted(glob.glob(PRESET_GLOB)):
+        text = open(path).read()
+        for m in re.finditer(r"^# plan: (.*)\n# planner: ([\d.]+) GiB of [\d.]+ GiB .*?est\. ([\d,]+) tokens/s", text, re.M):
+            out.append((os.path.basename(path), shlex.split(m[1]), float(m[2]), int(m[3].replace(",", ""))))
+    return out
+
+
+def test_every_48b_preset_has_plans_for_its_gpu_counts():
+    plans = _preset_plans()
+    covered = {(int(argv[argv.index("--gpus") + 1]), argv[argv.index("--gpu") + 1]) for _, argv, _, _ in plans}
+    assert covered == {(n, g) for n in (8, 16, 64, 256) for g in ("h100", "h200")} - {(8, "h100")}
+    # every plan line names its own preset
+    assert all(f"parallel={name[:-5]}" in argv for name, argv, _, _ in plans)
+
+
+@pytest.mark.parametrize("preset, argv, gib, tokens", _preset_plans(), ids=lambda x: x if isinstance(x, str) else "")
+def test_48b_preset_fits_with_the_numbers_its_comment_states(preset, argv, gib, tokens):
+    gpus, gpu = int(argv[argv.index("--gpus") + 1]), argv[argv.index("--gpu") + 1]
+    overrides = [a for a in argv if "=" in a]
+    plan = plan_from_overrides(overrides, gpus=gpus, gpu=gpu)
+    assert plan.fits
+    assert max(plan.required) / GiB == pytest.approx(gib, abs=0.051)
+    assert plan.tokens_per_second == pytest.approx(tokens, rel=0.01)
+
+
+def test_48b_does_not_fit_eight_h100s_under_any_layout():
+    best = []
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2, 4):
+            for ep in (1, 2, 4, 8):
+                for optimizer in ("adamw", "muonclip"):
+                    par = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=1, sequence_parallel=tp > 1)
+                    try:
+                        plan = _plan(par, 8, optimizer=optimizer, global_batch_size=64)
+                    except ValueError:
+                        continue
+                    best.append(max(plan.required))
+    assert min(best) > GPUS["h100"].memory_bytes
