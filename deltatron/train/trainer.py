@@ -299,6 +299,16 @@ class Trainer:
             "optim_metrics": dict(getattr(self.optimizer, "metrics", {})),  # MuonClip's QK-clip stats
         }
 
+    def _handoff_bytes(self) -> float:
+        """Bytes the last step's stages handed on per micro-batch (one tensor-parallel rank's share:
+        this rank's pipeline group, summed over its stages)."""
+        from deltatron.parallel.attnres_pipeline import rank_cache
+
+        sent = rank_cache().bytes_sent
+        total = torch.tensor([float(sum(sent.values()))], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return total.item() / max(self.num_microbatches, 1)
+
     def _bad_step_reason(self, loss: float) -> str | None:
         """Why this step's update must be skipped, the same answer on every rank (the loss is
         already reduced over all ranks; gradients are checked on each rank and the verdict
@@ -397,6 +407,8 @@ class Trainer:
                     start_depth_metrics(self.model)
                 out = self.train_step(batches)
                 depth_metrics = collect_depth_metrics(self.model) if logging_step else {}
+                if logging_step and self.attnres_pipeline:
+                    depth_metrics["attnres/pipeline_bytes_per_microbatch"] = self._handoff_bytes()
                 progress.step, progress.consumed_tokens = self.step, progress.consumed_tokens + self.tokens_per_step
                 history["loss"].append(out["loss"])
                 window_tokens += self.tokens_per_step
