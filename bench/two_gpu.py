@@ -102,7 +102,10 @@ def run_job(name: str, overrides: list[str], init_ckpt: str, steps: int, warmup:
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     peaks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(peaks, peak)
+    # AttnRes under PP: bytes the stages handed on per micro-batch in the last step (collective)
+    handoff = trainer._handoff_bytes() if trainer.attnres_pipeline else None
     return {
+        "pipeline_bytes_per_microbatch": handoff,
         "layout": cfg.parallel.describe(trainer.world_size),
         "optimizer": cfg.optim.name,
         "world_size": trainer.world_size,
@@ -137,7 +140,8 @@ def compare(results: dict, precision: str) -> dict:
     table = {}
     for name, r in results.items():
         ref_name = JOBS_ALL[name][2]
-        row = {k: r[k] for k in ("layout", "optimizer", "world_size", "tokens_per_sec", "peak_memory_gb_per_rank")}
+        row = {k: r[k] for k in ("layout", "optimizer", "world_size", "tokens_per_sec", "peak_memory_gb_per_rank",
+                                 "pipeline_bytes_per_microbatch")}
         if ref_name:
             ref = results[ref_name]
             rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"])]
