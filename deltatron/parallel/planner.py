@@ -236,9 +236,14 @@ class Items:
     routed: float = 0.0
 
 
+# deltatron's RMSNorm (model/norm.py) normalises an fp32 copy of its input, which autograd keeps
+# (4 B per element whatever the model dtype); its bf16 output is what the next linear saves.
+_NORM = 4
+
+
 def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
     """KimiDeltaAttention.forward (deltatron/model/kda.py), tensor by tensor:
-    pre-norm input; the gathered input x that every input projection saves; per q/k/v the
+    the pre-norm's fp32 input; the gathered input x that every input projection saves; per q/k/v the
     short convolution's input and shifted copies (W tensors, 2W-1 with document resets, whose
     masking keeps one more copy per tap), SiLU inputs; q, k before L2 norm; the kernel's inputs
     q, k, v, g (fp32), beta (fp32); the gate's softplus input and output (fp32); the output
@@ -257,11 +262,11 @@ def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
         + a * hk  # output projection input
     )
     full = a * h + a * 2 * cfg.kda_head_dim  # gathered x; f_a, g_a outputs (gathered)
-    return Items(replicated=a * h, sharded=sharded, full=full)
+    return Items(replicated=_NORM * h, sharded=sharded, full=full)
 
 
 def _mla_items(cfg: ModelConfig, a: int) -> Items:
-    """megatron-core MLASelfAttention (no q compression): pre-norm input and output (the input
+    """megatron-core MLASelfAttention (no q compression): the pre-norm's fp32 input and its output (the input
     of q_proj and the kv down-projection), the kv latent before and after its RMSNorm with the
     shared key part, q and k (nope + rope, per head), v, the attention output (the output
     projection's input; flash/TE attention keeps only q, k, v, out and an fp32 log-sum-exp)."""
@@ -270,24 +275,24 @@ def _mla_items(cfg: ModelConfig, a: int) -> Items:
     full = a * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     if cfg.q_lora_rank:
         full += a * 2 * cfg.q_lora_rank
-    return Items(replicated=2 * a * cfg.hidden_size, sharded=sharded, full=full)
+    return Items(replicated=(_NORM + a) * cfg.hidden_size, sharded=sharded, full=full)
 
 
 def _mlp_items(cfg: ModelConfig, a: int) -> Items:
-    """SwiGLU MLP: pre-norm input and output (fc1's input), fc1's output (gate and up), the
+    """SwiGLU MLP: the pre-norm's fp32 input and its output (fc1's input), fc1's output (gate and up), the
     SiLU output and fc2's input: 4 x ffn per token."""
-    return Items(replicated=2 * a * cfg.hidden_size, sharded=4 * a * cfg.dense_ffn_hidden_size)
+    return Items(replicated=(_NORM + a) * cfg.hidden_size, sharded=4 * a * cfg.dense_ffn_hidden_size)
 
 
 def _moe_items(cfg: ModelConfig, a: int) -> Items:
-    """megatron-core MoE layer: pre-norm input and output; the router in fp32 (its input cast
+    """megatron-core MoE layer: the pre-norm's fp32 input and its output; the router in fp32 (its input cast
     to fp32, logits, sigmoid scores, normalised probabilities); the shared expert as a SwiGLU
     MLP; per routed copy of a token: the dispatched input (fc1's input), fc1's output, SiLU
     output, fc2's input, and the expert output kept for the probability-weighted combine."""
     h, fe = cfg.hidden_size, cfg.moe_ffn_hidden_size
     router = 4 * h + 3 * 4 * cfg.num_experts
     return Items(
-        replicated=2 * a * h + router,
+        replicated=(_NORM + a) * h + router,
         sharded=4 * a * fe * cfg.num_shared_experts,
         routed=2 * a * h + 4 * a * fe,
     )
