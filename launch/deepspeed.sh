@@ -4,7 +4,7 @@
 # process is the same megatron-core trainer, reading the RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/
 # MASTER_PORT environment the launcher sets. Every argument is a Hydra override, passed through.
 #
-#   HOSTFILE=hostfile launch/deepspeed.sh model=kimi_linear_48b_a3b parallel=a3b48_h100_16gpu
+#   HOSTFILE=hostfile launch/deepspeed.sh model=kimi_linear_48b_a3b parallel=a3b48_16gpu_h200
 #   NUM_GPUS=4 launch/deepspeed.sh parallel=tp2                   # this machine only, 4 GPUs
 #
 # hostfile: one line per machine, "<host> slots=<GPUs>", e.g. "node1 slots=8"; the first host is

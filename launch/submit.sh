@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit launch/slurm.sbatch from the repo root; every argument is a Hydra override.
 #
-#   NODES=8 launch/submit.sh model=kimi_linear_48b_a3b parallel=a3b48_h100_64gpu train.steps=10000
+#   NODES=8 launch/submit.sh model=kimi_linear_48b_a3b parallel=a3b48_64_256gpu_h100 train.steps=10000
 #   NODES=1 PARTITION=debug TIME=00:30:00 launch/submit.sh model=proxy parallel=tp2
 #
 # Environment (each maps to an sbatch option; unset ones keep slurm.sbatch's #SBATCH defaults):
