@@ -26,6 +26,16 @@ OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs in this process use one thread, like the subprocesses (OMP_NUM_THREADS=1): parallel
+    CPU reductions split by thread count round differently, and the comparisons are bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, process_groups):
     """The reference: the same run without interruption (saving every 3 steps, as the others do)."""
@@ -95,6 +105,44 @@ def test_sigterm_saves_exits_for_requeue_and_resumes(uninterrupted, tmp_path):
     history = train_in_process(OVERRIDES, str(run_dir))  # resume=auto, in this process
     assert history["first_step"] == stopped + 1
     assert [_losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]
+
+
+def test_async_save_writes_the_same_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, process_groups,
+                                                                  monkeypatch):
+    """train.async_save=true: background writes give checkpoints holding the same tensors as the
+    uninterrupted run's synchronous ones, keep_last holds, no .tmp directory is left, and a resume
+    from an asynchronously written checkpoint reproduces the uninterrupted losses bit for bit."""
+    from megatron.core import dist_checkpointing
+
+    monkeypatch.chdir(REPO)
+    reference, reference_dir = uninterrupted
+    run_dir = tmp_path / "async"
+    history = train_in_process(OVERRIDES + ["train.async_save=true", "train.keep_last=2"], str(run_dir))
+    assert history["loss"] == reference["loss"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_0000006", "step_0000008"]
+    assert history["last_checkpoint"] == str(run_dir / "checkpoints" / "step_0000008")
+    def tensors(checkpoint) -> dict:
+        plain = dist_checkpointing.load_plain_tensors(str(checkpoint / "step_0000006"))
+        return {tuple(path): value for path, value in _flatten(plain)}
+
+    ours, theirs = tensors(run_dir / "checkpoints"), tensors(reference_dir / "checkpoints")
+    assert ours.keys() == theirs.keys() and len(ours) > 10  # model weights and Adam moments
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    resumed = train_in_process(
+        OVERRIDES + [f"train.resume={run_dir / 'checkpoints' / 'step_0000006'}"], str(tmp_path / "resumed")
+    )
+    assert resumed["first_step"] == 7
+    assert resumed["loss"] == reference["loss"][6:]
+
+
+def _flatten(tree, path=()):
+    """(key path, tensor) of every tensor in a nested dict."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, path + (key,))
+    elif isinstance(tree, torch.Tensor):
+        yield path, tree
 
 
 def _poison_gradients_at(steps):

@@ -49,7 +49,15 @@ def load_optimizer(chunks: list, optimizer, checkpoint_dir: str) -> None:
     optimizer.load_state_dict(dist_checkpointing.load(template, checkpoint_dir))
 
 
-def save_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> None:
+def save_sharded(sharded_state_dict: dict, checkpoint_dir: str, async_queue=None, on_visible=None) -> None:
+    """Write a sharded state dict to checkpoint_dir, which appears (renamed from `<dir>.tmp`) only
+    once every rank has written its part. Collective.
+
+    async_queue: a megatron-core AsyncCallsQueue: the tensors are staged to host memory now, the
+    files are written by a background process, and the rename happens when the queue finalizes
+    the call (its maybe_finalize_async_calls, on every rank). on_visible() runs on every rank
+    right after the rename, in either mode.
+    """
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     tmp = checkpoint_dir + ".tmp"
     if dist.get_rank() == 0:
@@ -57,13 +65,26 @@ def save_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> None:
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=False)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if os.path.exists(checkpoint_dir):
-            shutil.rmtree(checkpoint_dir)
-        os.rename(tmp, checkpoint_dir)
-    dist.barrier()
+
+    def publish() -> None:
+        dist.barrier()  # every rank's files and megatron-core's metadata.json are written
+        if dist.get_rank() == 0:
+            if os.path.exists(checkpoint_dir):
+                shutil.rmtree(checkpoint_dir)
+            os.rename(tmp, checkpoint_dir)
+        dist.barrier()
+        if on_visible is not None:
+            on_visible()
+
+    if async_queue is None:
+        dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=False)
+        publish()
+        return
+    # megatron-core's own background writer ("mcore"); its default, "nvrx", needs
+    # nvidia-resiliency-ext
+    request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(publish)
+    async_queue.schedule_async_request(request)
 
 
 def load_model(chunks: list, checkpoint_dir: str) -> None:

@@ -92,6 +92,9 @@ class TrainConfig:
     save_interval: int = 0
     save_dir: Optional[str] = None
     keep_last: int = 3
+    # write checkpoints in a background process (tensors are staged to host memory at the step
+    # boundary; the directory appears when the write has finished on every rank)
+    async_save: bool = False
     # "none", "auto" (the newest complete checkpoint in save_dir, if any) or a checkpoint path
     resume: str = "auto"
     # a model checkpoint (deltatron-import's output, or any save_model / training checkpoint's

@@ -12,7 +12,8 @@ A checkpoint is one megatron-core dist_checkpointing directory, `<save_dir>/step
 It is written under `step_0000300.tmp` and renamed when every rank has finished
 (checkpoint.save_sharded), so a directory named `step_*` without `.tmp` is always complete; the
 newest of those is what `train.resume=auto` loads, and all but the newest `train.keep_last` are
-removed after each save.
+removed after each save. With train.async_save the files are written by a background process
+while training continues (CheckpointSaver).
 """
 
 from __future__ import annotations
@@ -148,21 +149,58 @@ def _state_dict(chunks, optimizer, scheduler, data, progress: Progress, model_co
     }
 
 
-def save_checkpoint(save_dir: str, chunks, optimizer, scheduler, data, progress: Progress,
-                    model_config, keep_last: int) -> str:
-    """Save the training state after `progress.step` steps and keep the newest keep_last
-    checkpoints. Collective: every rank calls it. Returns the checkpoint's directory."""
-    path = os.path.join(os.path.abspath(save_dir), checkpoint_name(progress.step))
-    save_sharded(_state_dict(chunks, optimizer, scheduler, data, progress, model_config, False), path)
-    if dist.get_rank() == 0:
-        for _, old in list_checkpoints(save_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return path
+class CheckpointSaver:
+    """Saves training checkpoints into save_dir and keeps the newest keep_last.
+
+    With async_save the state is staged to host memory at the step boundary and written by a
+    background process (megatron-core's AsyncCallsQueue), so training goes on while the file
+    system works; the checkpoint becomes visible (renamed from .tmp) when `poll()` or `wait()`
+    finds every rank's writer done. One save is in flight at a time: the next save waits for
+    the previous one. Every method is collective (every rank calls it at the same step).
+    """
+
+    def __init__(self, save_dir: str, keep_last: int, async_save: bool = False):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.save_dir = os.path.abspath(save_dir)
+        self.keep_last = keep_last
+        self.queue = AsyncCallsQueue() if async_save else None
+        self.latest: Optional[str] = None  # the newest complete checkpoint this saver wrote
+
+    def save(self, chunks, optimizer, scheduler, data, progress: Progress, model_config) -> str:
+        """Save the training state after `progress.step` steps: complete on return, or with
+        async_save staged and being written. Returns the checkpoint's directory."""
+        self.wait()
+        path = os.path.join(self.save_dir, checkpoint_name(progress.step))
+        state = _state_dict(chunks, optimizer, scheduler, data, progress, model_config, False)
+        save_sharded(state, path, self.queue, on_visible=lambda: self._visible(path))
+        return path
+
+    def poll(self) -> Optional[str]:
+        """Publish a finished background save without waiting; returns its directory, if any."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> Optional[str]:
+        """Finish and publish the save in flight; returns its directory, if there was one."""
+        return self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> Optional[str]:
+        if self.queue is None or not self.queue.get_num_unfinalized_calls():
+            return None
+        before = self.latest
+        self.queue.maybe_finalize_async_calls(blocking=blocking)
+        return self.latest if self.latest != before else None
+
+    def _visible(self, path: str) -> None:
+        self.latest = path
+        if dist.get_rank() == 0:
+            for _, old in list_checkpoints(self.save_dir)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
 
 
 def load_checkpoint(path: str, chunks, optimizer, scheduler, data, model_config) -> Progress:
-    """Restore the state saved by save_checkpoint into these (already built) components and
+    """Restore the state saved by CheckpointSaver.save into these (already built) components and
     return the progress it was saved at. Bad checkpoints stop with the reason and the fix."""
     check_complete(path)
     try:

@@ -33,7 +33,7 @@ from deltatron.train.flops import peak_tflops, training_flops_per_token
 from deltatron.train.monitor import Monitor, format_duration, is_rank0
 from deltatron.train.optim import build_optimizer, build_scheduler
 from deltatron.train.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
-from deltatron.train.resume import Progress, load_checkpoint, resolve_resume, save_checkpoint
+from deltatron.train.resume import CheckpointSaver, Progress, load_checkpoint, resolve_resume
 
 
 def resolve_precision(requested: str) -> str:
@@ -391,6 +391,8 @@ class Trainer:
             if hasattr(self.optimizer, "reload_model_params"):  # fp32 master copies of bf16 weights
                 self.optimizer.reload_model_params()
             monitor.print(f"initialised the model from {train.init_from} (optimizer and data start fresh)")
+        saver = CheckpointSaver(save_dir, train.keep_last, train.async_save)
+        saver.latest = last_checkpoint
         first_step = progress.step + 1
         train_iter: Iterator = self.data.train_batches()
         history = {"loss": [], "val_loss": [], "skipped_steps": [], "first_step": first_step, "preempted": False}
@@ -420,7 +422,7 @@ class Trainer:
                     if bad_in_a_row >= train.max_bad_steps:
                         raise RuntimeError(
                             f"{bad_in_a_row} bad steps in a row up to step {self.step} (last: {out['skipped']}); "
-                            f"the last good checkpoint is {last_checkpoint or 'none: nothing was saved yet'}. "
+                            f"the last good checkpoint is {saver.latest or 'none: nothing was saved yet'}. "
                             "Lower optim.lr or inspect the data, then resume from it (train.resume=<dir>)"
                         )
                 else:
@@ -461,11 +463,11 @@ class Trainer:
                 if preempted or (
                     train.save_interval and (self.step % train.save_interval == 0 or self.step == train.steps)
                 ):
-                    last_checkpoint = save_checkpoint(
-                        save_dir, self.model, self.optimizer, self.scheduler, self.data, progress,
-                        cfg.model, train.keep_last,
-                    )
-                    monitor.print(f"saved {last_checkpoint}")
+                    path = saver.save(self.model, self.optimizer, self.scheduler, self.data, progress, cfg.model)
+                    monitor.print(f"saving {path} in the background" if train.async_save else f"saved {path}")
+                published = saver.wait() if preempted else saver.poll()
+                if published:
+                    monitor.print(f"saved {published}")
                 if preempted:
                     history["preempted"] = True
                     monitor.print(
@@ -473,9 +475,12 @@ class Trainer:
                         f"{self.step}; exiting with code {PREEMPTED_EXIT_CODE} so the job is requeued"
                     )
                     break
+        published = saver.wait()
+        if published:
+            monitor.print(f"saved {published}")
         monitor.print(f"done: {progress.step} steps in {format_duration(time.time() - start)}")
         history["seconds"] = time.time() - start
-        history["last_checkpoint"] = last_checkpoint
+        history["last_checkpoint"] = saver.latest
         monitor.close()
         return history
 
