@@ -199,3 +199,103 @@ def test_48b_does_not_fit_eight_h100s_under_any_layout():
                         continue
                     best.append(max(plan.required))
     assert min(best) > GPUS["h100"].memory_bytes
+
+
+# Builds the model of every pipeline/tensor/expert-parallel rank of one data-parallel replica on
+# the meta device, with a simulated world: torch's "fake" process-group backend lets one process
+# be any rank of any world size, so megatron-core's parallel_state and the model see the real
+# layout. Prints, per rank, its parameters and the shards it holds of one replica.
+META_SMOKE = r'''
+import json, sys
+import torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+_new_group = dist.new_group
+def new_group(*args, **kwargs):  # megatron-core asks for some gloo groups; the fake backend serves all
+    kwargs.pop("backend", None); kwargs.pop("pg_options", None)
+    return _new_group(*args, **kwargs)
+dist.new_group = new_group
+
+from megatron.core import parallel_state as ps
+from deltatron.parallel import cpu_compat
+from deltatron.model.model import build_model_on_meta
+from deltatron.train.trainer import stage_pattern
+sys.path.insert(0, "tests")
+from test_planner import _preset_plans
+from deltatron.parallel.planner import compose_run_config
+
+out, seen = [], set()
+for preset, argv, _, _ in _preset_plans():
+    if preset in seen:  # the same layout at another world size: the same ranks' models
+        continue
+    seen.add(preset)
+    world = int(argv[argv.index("--gpus") + 1])
+    run = compose_run_config([a for a in argv if "=" in a])
+    cfg, par = run.model, run.parallel
+    etp = par.etp or par.tp
+    vpp = par.vpp or 1
+    pattern = stage_pattern(cfg.layer_pattern(), par.pp * vpp, par.pipeline_layers)
+    per_stage = world // par.pp
+    total, ranks = 0, []
+    for stage in range(par.pp):
+        for pos in range(max(par.tp * par.cp, par.ep * etp)):
+            rank = stage * per_stage + pos
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+            cpu_compat.enable()
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=par.tp, pipeline_model_parallel_size=par.pp,
+                virtual_pipeline_model_parallel_size=par.vpp, context_parallel_size=par.cp,
+                expert_model_parallel_size=par.ep, expert_tensor_parallel_size=par.etp,
+            )
+            assert ps.get_pipeline_model_parallel_rank() == stage
+            local = 0
+            for vp in range(vpp):
+                v = vp if par.vpp else None
+                model = build_model_on_meta(
+                    cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v), vp_stage=v,
+                    layer_pattern=pattern, tensor_model_parallel_size=par.tp,
+                    pipeline_model_parallel_size=par.pp, virtual_pipeline_model_parallel_size=par.vpp,
+                    expert_model_parallel_size=par.ep, expert_tensor_parallel_size=par.etp,
+                    context_parallel_size=par.cp, sequence_parallel=par.sequence_parallel,
+                    bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+                )
+                for name, p in model.named_parameters():
+                    local += p.numel()
+                    if ".local_experts." in name:  # one copy per expert-data-parallel group
+                        total += p.numel() if ps.get_expert_data_parallel_rank() == 0 else 0
+                    elif ps.get_data_parallel_rank(with_context_parallel=True) == 0:
+                        tp_shard = getattr(p, "tensor_model_parallel", False)
+                        total += p.numel() if tp_shard or ps.get_tensor_model_parallel_rank() == 0 else 0
+            ranks.append({"rank": rank, "stage": stage, "params": local})
+            ps.destroy_model_parallel()
+            dist.destroy_process_group()
+    out.append({"preset": preset, "argv": argv, "total": total, "ranks": ranks})
+print("META_SMOKE " + json.dumps(out))
+'''
+
+
+def test_48b_presets_built_on_meta_per_rank_match_the_plan_and_sum_to_the_model():
+    """The 48B-A3B model built as each preset's ranks would build it (one data-parallel replica,
+    world size simulated): every rank holds the parameters the planner counts for its pipeline
+    rank, and the shards add up to the whole model."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", META_SMOKE], capture_output=True, text=True, cwd=REPO,
+                          env=subprocess_env(), timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("META_SMOKE ")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    results = json.loads(line[len("META_SMOKE "):])
+    assert len(results) == len({preset for preset, _, _, _ in _preset_plans()})
+    total = A3B.parameter_counts()["total"]
+    for res in results:
+        argv = res["argv"]
+        gpus, gpu = int(argv[argv.index("--gpus") + 1]), argv[argv.index("--gpu") + 1]
+        plan = plan_from_overrides([a for a in argv if "=" in a], gpus=gpus, gpu=gpu)
+        assert res["total"] == total, res["preset"]
+        for r in res["ranks"]:
+            assert r["params"] == plan.ranks[r["stage"]].params, (res["preset"], r)
