@@ -299,3 +299,57 @@ def test_48b_presets_built_on_meta_per_rank_match_the_plan_and_sum_to_the_model(
         assert res["total"] == total, res["preset"]
         for r in res["ranks"]:
             assert r["params"] == plan.ranks[r["stage"]].params, (res["preset"], r)
+
+
+def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded):
+    """Bytes per token each sub-layer keeps for the backward, counted with saved-tensor hooks on
+    the tiny model (fp32, CPU): the dense MLP exactly; the MoE layer within 10% (routing decides
+    the expert-side counts; no imbalance factor here); KDA exactly without the tensors its kernel
+    keeps (the CPU's pure-PyTorch recurrence saves its own intermediates, the GPU's Triton kernel
+    only its inputs, which the planner counts)."""
+    import sys
+
+    import torch
+
+    from deltatron.model.model import build_model
+    from deltatron.parallel.planner import _kda_items, _mlp_items, _moe_items
+
+    cfg = _model("tiny")
+    model = build_model(cfg)
+    param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, saved = ["outside"], {}
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: current.__setitem__(0, i))
+        layer.register_forward_hook(lambda mod, args, out: current.__setitem__(0, "outside"))
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storage and s.data_ptr() not in saved:
+            frame, in_kernel = sys._getframe(), False
+            while frame is not None and not in_kernel:
+                in_kernel = "deltatron/kernels/" in frame.f_code.co_filename
+                frame = frame.f_back
+            saved[s.data_ptr()] = (current[0], s.nbytes(), in_kernel)
+        return t
+
+    tokens = torch.randint(0, cfg.vocab_size, (1, 128))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, None, None, labels=tokens)
+    per_layer: dict = {}
+    for layer, nbytes, in_kernel in saved.values():
+        if layer != "outside" and not in_kernel:
+            per_layer[layer] = per_layer.get(layer, 0) + nbytes / 128
+    kinds = sublayer_kinds(cfg)
+    a, hk = 4, cfg.kda_num_heads * cfg.kda_head_dim
+    for i, measured in per_layer.items():
+        kind = kinds[i]
+        if kind == "mlp":
+            it = _mlp_items(cfg, a)
+            assert measured == pytest.approx(it.replicated + it.sharded, abs=8)  # + the norm's rsqrt
+        elif kind == "moe":
+            it = _moe_items(cfg, a)
+            assert measured == pytest.approx(it.replicated + it.sharded + cfg.moe_topk * it.routed, rel=0.1)
+        elif kind == "kda":
+            it = _kda_items(cfg, a, documents=False)
+            kernel_inputs = a * 3 * hk + 4 * hk + 4 * cfg.kda_num_heads
+            assert measured == pytest.approx(it.replicated + it.sharded + it.full - kernel_inputs, rel=0.02)

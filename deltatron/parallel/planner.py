@@ -236,15 +236,17 @@ class Items:
     routed: float = 0.0
 
 
-# deltatron's RMSNorm (model/norm.py) normalises an fp32 copy of its input, which autograd keeps
-# (4 B per element whatever the model dtype); its bf16 output is what the next linear saves.
-_NORM = 4
+def _norm(a: int) -> int:
+    """Bytes per hidden element deltatron's RMSNorm (model/norm.py) saves itself: the fp32 copy
+    of its input it normalises, and the normalised values (model dtype) it multiplies by its
+    weight. Its output, saved by the next linear, is counted by the caller."""
+    return 4 + a
 
 
 def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
-    """KimiDeltaAttention.forward (deltatron/model/kda.py), tensor by tensor:
-    the pre-norm's fp32 input; the gathered input x that every input projection saves; per q/k/v the
-    short convolution's input and shifted copies (W tensors, 2W-1 with document resets, whose
+    """KimiDeltaAttention.forward (deltatron/model/kda.py), tensor by tensor: the pre-norm's
+    (`_norm`); the gathered input x that every input projection saves; per q/k/v the short
+    convolution's input and shifted copies (W tensors, 2W-1 with document resets, whose
     masking keeps one more copy per tap), SiLU inputs; q, k before L2 norm; the kernel's inputs
     q, k, v, g (fp32), beta (fp32); the gate's softplus input and output (fp32); the output
     path in fp32 (o, o*rsqrt, *norm weight, sigmoid(gate)) and the output projection's input."""
@@ -262,37 +264,40 @@ def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
         + a * hk  # output projection input
     )
     full = a * h + a * 2 * cfg.kda_head_dim  # gathered x; f_a, g_a outputs (gathered)
-    return Items(replicated=_NORM * h, sharded=sharded, full=full)
+    return Items(replicated=_norm(a) * h, sharded=sharded, full=full)
 
 
 def _mla_items(cfg: ModelConfig, a: int) -> Items:
-    """megatron-core MLASelfAttention (no q compression): the pre-norm's fp32 input and its output (the input
-    of q_proj and the kv down-projection), the kv latent before and after its RMSNorm with the
-    shared key part, q and k (nope + rope, per head), v, the attention output (the output
-    projection's input; flash/TE attention keeps only q, k, v, out and an fp32 log-sum-exp)."""
+    """megatron-core MLASelfAttention (no q compression): the pre-norm's tensors (`_norm`) and
+    its output (the input of q_proj and the kv down-projection), the kv latent before and after
+    its RMSNorm with the shared key part, q and k (nope + rope, per head), v, the attention
+    output (the output projection's input; flash/TE attention keeps only q, k, v, out and an
+    fp32 log-sum-exp; on CPU, SDPA's math path also keeps the attention probabilities)."""
     n, qk = cfg.mla_num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     sharded = a * n * (2 * qk + 2 * cfg.v_head_dim) + 4 * n
     full = a * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     if cfg.q_lora_rank:
         full += a * 2 * cfg.q_lora_rank
-    return Items(replicated=(_NORM + a) * cfg.hidden_size, sharded=sharded, full=full)
+    return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=sharded, full=full)
 
 
 def _mlp_items(cfg: ModelConfig, a: int) -> Items:
-    """SwiGLU MLP: the pre-norm's fp32 input and its output (fc1's input), fc1's output (gate and up), the
-    SiLU output and fc2's input: 4 x ffn per token."""
-    return Items(replicated=(_NORM + a) * cfg.hidden_size, sharded=4 * a * cfg.dense_ffn_hidden_size)
+    """SwiGLU MLP (megatron-core's MLP): the pre-norm's tensors (`_norm`) and its output (fc1's
+    input); fc1's output (gate and up), two ffn-wide tensors of megatron-core's glu and fc2's
+    input: 5 x ffn per token (counted with saved-tensor hooks on CPU)."""
+    return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=5 * a * cfg.dense_ffn_hidden_size)
 
 
 def _moe_items(cfg: ModelConfig, a: int) -> Items:
-    """megatron-core MoE layer: the pre-norm's fp32 input and its output; the router in fp32 (its input cast
-    to fp32, logits, sigmoid scores, normalised probabilities); the shared expert as a SwiGLU
-    MLP; per routed copy of a token: the dispatched input (fc1's input), fc1's output, SiLU
-    output, fc2's input, and the expert output kept for the probability-weighted combine."""
+    """megatron-core MoE layer: the pre-norm's tensors (`_norm`) and its output; the router in
+    fp32 (its input cast to fp32, logits, sigmoid scores, normalised probabilities); the shared
+    expert as a SwiGLU MLP; per routed copy of a token: the dispatched input (fc1's input),
+    fc1's output, SiLU output, fc2's input, and the expert output kept for the
+    probability-weighted combine."""
     h, fe = cfg.hidden_size, cfg.moe_ffn_hidden_size
     router = 4 * h + 3 * 4 * cfg.num_experts
     return Items(
-        replicated=(_NORM + a) * h + router,
+        replicated=(_norm(a) + a) * h + router,
         sharded=4 * a * fe * cfg.num_shared_experts,
         routed=2 * a * h + 4 * a * fe,
     )
