@@ -5,7 +5,8 @@
 # LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE; MASTER_ADDR/MASTER_PORT come from the batch script),
 # runs `python -m deltatron.train "$@"`, and records the process's exit code in
 # $DELTATRON_ATTEMPT_DIR/exit_codes/rank<RANK>: the batch script reads these to tell a preempted
-# run (exit 75 after saving a checkpoint) from a failure, whatever srun's own exit code is.
+# run (exit 75 after saving a checkpoint) from a failure. The task's own exit code is the
+# trainer's, except 75, reported to srun as 0 (see the end).
 #
 # slurm delivers its signals (SIGTERM on preemption or at the time limit, SIGUSR1 with
 # --signal=USR1@<s>) to every process of the step, this shell included. Unhandled, either would
@@ -42,4 +43,8 @@ while :; do
 done
 mkdir -p "$DELTATRON_ATTEMPT_DIR/exit_codes"
 echo "$rc" >"$DELTATRON_ATTEMPT_DIR/exit_codes/rank$RANK"
+# Preempted (75): the checkpoint is saved and the batch script reads the code from the file.
+# Reporting it to srun as a failure would make --kill-on-bad-exit kill the other ranks while
+# they finish their own exit after the same checkpoint.
+[ "$rc" -eq 75 ] && exit 0
 exit "$rc"
