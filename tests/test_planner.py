@@ -109,8 +109,11 @@ def test_memory_terms_scale_with_the_layout():
     vpp = _plan(ParallelConfig(tp=2, pp=4, vpp=2, ep=8, etp=1, sequence_parallel=True), 64).ranks[0]
     assert vpp.in_flight == pytest.approx(4 * (1 + 3 / 8))
     # sequence parallelism divides the residual-stream activations; full recompute keeps inputs only
-    no_sp = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1), 64, optimizer="adamw")
-    assert no_sp.ranks[0].activations > r0.activations
+    no_sp = _plan(ParallelConfig(tp=2, pp=2), 64).ranks[0]
+    with_sp = _plan(ParallelConfig(tp=2, pp=2, sequence_parallel=True), 64).ranks[0]
+    assert no_sp.activations > with_sp.activations
+    with pytest.raises(ValueError, match="needs parallel.sequence_parallel=true"):
+        _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1), 64)
     recompute = _plan(ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True), 64, recompute="full")
     assert recompute.ranks[0].activations < r0.activations / 10
     assert recompute.step_seconds > base.step_seconds

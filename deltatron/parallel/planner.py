@@ -408,6 +408,11 @@ def build_plan(
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={precision!r}: plan bf16 (GPU training) or fp32")
     par.validate(world, model)
+    if par.ep > 1 and par.tp > 1 and not par.sequence_parallel and model.first_k_dense < model.num_layers:
+        raise ValueError(
+            f"parallel.ep={par.ep} with parallel.tp={par.tp} needs parallel.sequence_parallel=true "
+            "(megatron-core: expert and tensor parallelism in training require sequence parallelism)"
+        )
     t, cp, pp = par.tp, par.cp, par.pp
     etp = par.etp or par.tp
     dp = par.data_parallel_size(world)
