@@ -731,7 +731,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"deltatron-plan: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # Hydra: unknown key or group, wrong type; layout checks
-        print(f"deltatron-plan: {type(exc).__name__}: {exc}", file=sys.stderr)
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        print(f"deltatron-plan: {type(exc).__name__}: {exc}{cause}", file=sys.stderr)
         return 2
     print(json.dumps(plan_to_dict(plan), indent=1) if args.json else format_plan(plan))
     return 0 if plan.fits else 1
