@@ -121,43 +121,117 @@ def depth_logits(x: Tensor, queries: Tensor, eps: float) -> Tensor:
     return (xf @ queries.t()) * inv_rms
 
 
+def _wide(x: Tensor) -> Tensor:
+    """x in fp32, or wider if it already is (float64 in gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _inverse_rms(x: Tensor, eps: float) -> Tensor:
+    """[S, B, D] fp32 -> [S, B]: 1 / sqrt(mean(x^2) + eps)."""
+    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+
+
+class _Phase1(torch.autograd.Function):
+    """Softmax attention of k queries over m sources, per token (see `attend_completed`).
+
+    Saves only the sources themselves (alive anyway as block representations), the queries and
+    per-token statistics ([m, S, B, k] weights and [m, S, B] inverse RMS); the fp32 copies of the
+    sources are made again in backward instead of being kept for every block of every stage.
+    """
+
+    @staticmethod
+    def forward(ctx, eps: float, queries: Tensor, *sources: Tensor):
+        xs = [_wide(c) for c in sources]
+        rinv = torch.stack([_inverse_rms(x, eps) for x in xs])  # [m, S, B]
+        logits = torch.stack([x @ queries.t() for x in xs]) * rinv.unsqueeze(-1)  # [m, S, B, k]
+        lse = torch.logsumexp(logits, dim=0)  # [S, B, k]
+        weights = torch.exp(logits - lse)
+        out = None
+        for w, x in zip(weights, xs):  # one read of each source serves all k queries
+            term = w.unsqueeze(-1) * x.unsqueeze(-2)  # [S, B, k, D]
+            out = term if out is None else out.add_(term)
+        ctx.save_for_backward(queries, weights, rinv, *sources)
+        ctx.mark_non_differentiable(weights)
+        return out.to(sources[0].dtype), lse, weights
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor, g_lse: Tensor, _g_weights):
+        queries, weights, rinv, *sources = ctx.saved_tensors
+        d = queries.shape[1]
+        g_out = _wide(g_out)
+        xs = [_wide(c) for c in sources]
+        # d loss / d weight_j, then the softmax (and logsumexp) backward
+        g_w = torch.stack([torch.einsum("sbkd,sbd->sbk", g_out, x) for x in xs])  # [m, S, B, k]
+        g_logits = weights * (g_w - (weights * g_w).sum(0, keepdim=True) + g_lse.unsqueeze(0))
+        g_q = torch.zeros_like(queries)
+        grads = []
+        for j, x in enumerate(xs):
+            r = rinv[j].unsqueeze(-1)  # [S, B, 1]
+            g_z = g_logits[j] * r  # logits = (x @ q^T) * r
+            g_r = (g_logits[j] * (x @ queries.t())).sum(-1, keepdim=True)  # [S, B, 1]
+            g_x = (
+                torch.einsum("sbk,sbkd->sbd", weights[j], g_out)  # out = sum_j w_j x_j
+                + g_z @ queries
+                - g_r * r.pow(3) / d * x  # d r / d x = -r^3 x / D
+            )
+            g_q += torch.einsum("sbk,sbd->kd", g_z, x)
+            grads.append(g_x.to(sources[j].dtype))
+        return (None, g_q, *grads)
+
+
 def attend_completed(
     completed: Sequence[Tensor], queries: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Phase 1: all k queries of a block over its m completed sources in one pass.
 
-    completed: m tensors [S, B, D]; queries: [k, D] fp32.
-    Returns (out [S, B, k, D] fp32, the softmax-weighted sums; max [S, B, k]; sumexp [S, B, k];
-    weights [m, S, B, k], the softmax over the completed sources alone).
+    completed: m tensors [S, B, D]; queries: [k, D] fp32 effective queries.
+    Returns (out [S, B, k, D] in the sources' dtype, the softmax-weighted sums; lse [S, B, k] fp32,
+    the log-sum-exp of the logits, which phase 2 merges with; weights [m, S, B, k], the softmax
+    over the completed sources, without gradient, for metrics).
     """
-    logits = torch.stack([depth_logits(c, queries, eps) for c in completed])  # [m, S, B, k]
-    mx = logits.amax(0)
-    e = torch.exp(logits - mx)
-    sumexp = e.sum(0)
-    weights = e / sumexp
-    out = None
-    for w, c in zip(weights, completed):  # one read of each source serves all k queries
-        term = w.unsqueeze(-1) * c.float().unsqueeze(-2)  # [S, B, k, D]
-        out = term if out is None else out + term
-    return out, mx, sumexp, weights
+    return _Phase1.apply(eps, queries, *completed)
+
+
+class _Phase2(torch.autograd.Function):
+    """Online-softmax merge of one source into a phase-1 result (see `merge_partial`); saves the
+    inputs as they are and the per-token share, no fp32 copies."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float):
+        p = _wide(partial)
+        r = _inverse_rms(p, eps)  # [S, B]
+        lp = (p @ query) * r
+        share = torch.sigmoid(lse - lp)  # exp(lse) / (exp(lse) + exp(lp))
+        h = share.unsqueeze(-1) * _wide(out) + (1 - share).unsqueeze(-1) * p
+        ctx.save_for_backward(out, partial, query, r, share)
+        ctx.mark_non_differentiable(share)
+        return h.to(out.dtype), share
+
+    @staticmethod
+    def backward(ctx, g_h: Tensor, _g_share):
+        out, partial, query, r, share = ctx.saved_tensors
+        g_h, o, p = _wide(g_h), _wide(out), _wide(partial)
+        s = share.unsqueeze(-1)
+        g_s = (g_h * (o - p)).sum(-1)  # [S, B]
+        g_lse = g_s * share * (1 - share)  # d sigmoid(lse - lp)
+        g_lp = -g_lse
+        rr = r.unsqueeze(-1)
+        dot = (p @ query).unsqueeze(-1)  # lp = dot * r
+        g_p = (1 - s) * g_h + g_lp.unsqueeze(-1) * (rr * query - dot * rr.pow(3) / p.shape[-1] * p)
+        g_q = torch.einsum("sb,sbd->d", g_lp * r, p)
+        return (s * g_h).to(out.dtype), g_lse, g_p.to(partial.dtype), g_q, None
 
 
 def merge_partial(
-    out: Tensor, mx: Tensor, sumexp: Tensor, partial: Tensor, query: Tensor, eps: float
+    out: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     """Phase 2: add the partial block sum to one query's phase-1 result (online softmax).
 
-    out: [S, B, D] fp32 phase-1 output of this query; mx, sumexp: [S, B]; partial: [S, B, D];
-    query: [D] fp32. Returns (h [S, B, D] fp32, the weight of the completed sources as a whole
-    [S, B]; the partial sum's weight is one minus it).
+    out: [S, B, D] phase-1 output of this query; lse: [S, B] its log-sum-exp; partial: [S, B, D];
+    query: [D] fp32. Returns (h [S, B, D] in out's dtype; the weight of the completed sources as a
+    whole, [S, B] without gradient; the partial sum's weight is one minus it).
     """
-    lp = depth_logits(partial, query.unsqueeze(0), eps)[..., 0]
-    m = torch.maximum(mx, lp)
-    a = sumexp * torch.exp(mx - m)
-    b = torch.exp(lp - m)
-    completed_share = a / (a + b)
-    h = completed_share.unsqueeze(-1) * out + (1 - completed_share).unsqueeze(-1) * partial.float()
-    return h, completed_share
+    return _Phase2.apply(out, lse, partial, query, eps)
 
 
 def depth_attention_reference(sources: Sequence[Tensor], pseudo_query: Tensor, key_norm: nn.Module) -> Tensor:
@@ -185,18 +259,17 @@ def run_block_group(
     the sources' dtype. record(k, completed weights [S, B] each, partial weight [S, B] or None)
     receives the softmax weights when given (metrics). Returns the partial sum after the group.
     """
-    dtype = completed[0].dtype
-    out, mx, sumexp, weights = attend_completed(completed, queries, eps)  # phase 1
+    out, lse, weights = attend_completed(completed, queries, eps)  # phase 1
     for k in range(queries.shape[0]):
         if partial is None:
             h, share = out[..., k, :], None
         else:  # phase 2: the one source that changes inside the block
-            h, share = merge_partial(out[..., k, :], mx[..., k], sumexp[..., k], partial, queries[k], eps)
+            h, share = merge_partial(out[..., k, :], lse[..., k], partial, queries[k], eps)
         if record is not None:
             with torch.no_grad():
                 scale = 1 if share is None else share
                 record(k, [w[..., k] * scale for w in weights], None if share is None else 1 - share)
-        f = run_layer(k, h.to(dtype))
+        f = run_layer(k, h)
         partial = f if partial is None else partial + f
     return partial
 
@@ -335,9 +408,9 @@ class AttnResStack(KimiLinearStack):
         return torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False)
 
     def _final_aggregate(self, completed: list[Tensor]) -> Tensor:
-        """The final aggregation over every source ([S, B, D] each) -> [S, B, D] fp32."""
+        """The final aggregation over every source ([S, B, D] each) -> [S, B, D]."""
         final = self.final_depth_query
-        out, _, _, weights = attend_completed(completed, final.effective_query().unsqueeze(0), final.eps)
+        out, _, weights = attend_completed(completed, final.effective_query().unsqueeze(0), final.eps)
         if self.metrics is not None:
             self.metrics.add_weights(self.layout.num_sublayers, range(len(completed)), [w[..., 0] for w in weights])
         return out[..., 0, :]
@@ -371,7 +444,6 @@ class AttnResStack(KimiLinearStack):
             completed, partial = [hidden_states], None
         else:
             completed, partial = handoff.receive(self.input_tensor)
-        dtype = completed[0].dtype  # the residual stream's (activation) dtype
         layer_kwargs = dict(
             attention_mask=attention_mask, inference_context=None, rotary_pos_emb=rotary_pos_emb,
             packed_seq_params=packed_seq_params, padding_mask=padding_mask,
@@ -403,7 +475,7 @@ class AttnResStack(KimiLinearStack):
                 completed = completed + [partial]
                 partial = None
         if self.post_process:
-            h = self._final_aggregate(completed).to(dtype)
+            h = self._final_aggregate(completed)
             hidden_states = self.final_norm(h)
         else:
             hidden_states = handoff.send(completed, partial)

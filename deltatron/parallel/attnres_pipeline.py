@@ -5,8 +5,8 @@ b_1, ...) and the partial sum of a block that is still open at the stage boundar
 schedules send one tensor per hand-off and backpropagate only that one, so a stage packs what it
 hands on into that tensor: the sources concatenated along the sequence dim, [k*S, B, D] for k
 sources of [S, B, D] (S the per-rank sequence shard under sequence parallelism). Gradients reach
-every part because the packing is one autograd op. The count k differs between hand-offs, so
-pipeline runs use megatron-core's `variable_seq_lengths` (shapes exchanged before each tensor).
+every part because the packing is one autograd op. The count k differs between hand-offs but is
+fixed by the layout, so `AttnResP2PCommunicator` knows every receive's shape in advance.
 
 Interleaved stages (vpp): rank r runs chunk v at stage t = v*P + r, and chunk v+1 at t + P for the
 same micro-batch. By then it already holds every block completed up to the end of stage t (it
@@ -28,13 +28,15 @@ Bytes: `_HandOff` adds the bytes of every packed hand-off to `RankCache.bytes_se
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _p2p_ops
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _batched_p2p_ops, _p2p_ops
+from megatron.core.pipeline_parallel.schedules import get_schedule_table
 
 from deltatron.model.attnres import BlockLayout
 
@@ -260,38 +262,84 @@ class StageHandOff:
 class AttnResP2PCommunicator(P2PCommunicator):
     """megatron-core's P2P communicator for AttnRes hand-offs of varying size.
 
-    - Shapes (variable_seq_lengths) travel with megatron-core's unbatched `_p2p_ops`, whose order
-      of the two directions matches on both ends; the stock shape exchange batches them, and with
-      two pipeline ranks under interleaving an activation's and a gradient's shape can swap (the
-      trainer avoids batched p2p for the tensors themselves for the same reason).
-    - Counts the bytes it sends forward (activations) into `RankCache.wire_bytes`.
+    A hand-off's size depends on the stage it comes from, so one `tensor_shape` per schedule run
+    does not fit, and exchanging shapes first (megatron-core's variable_seq_lengths) deadlocks
+    when the two ranks' calls are not paired one to one (interleaved schedules with few
+    micro-batches). Every size is known in advance instead: `start` lists, in megatron-core's own
+    schedule order (`get_schedule_table`), the chunk each received activation and each received
+    gradient belongs to, with that chunk's packed shape; `_communicate` allocates its receive
+    buffers from those lists and otherwise does what megatron-core's does (its `_p2p_ops` or
+    `_batched_p2p_ops`). It also counts the bytes sent forward into `RankCache.wire_bytes`.
     """
 
-    def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    def __init__(self, pp_group, config):
+        super().__init__(pp_group, config)
+        if config.use_ring_exchange_p2p:
+            raise ValueError("AttnRes pipeline hand-offs do not support use_ring_exchange_p2p")
+        self.expect_forward: deque = deque()
+        self.expect_backward: deque = deque()
 
-        def shape_of(t):
-            return None if t is None else torch.tensor(t.size(), device=device, dtype=torch.int64)
+    def start(self, plans: Sequence[StagePlan], num_microbatches: int, forward_only: bool,
+              seq_length: int, micro_batch_size: int) -> None:
+        """Before a schedule run. plans: this rank's stage plans by chunk; seq_length: the
+        per-rank sequence length of one source (after context and sequence parallel splits)."""
+        pp, rank, chunks = self.pp_group.size(), self.pp_group.rank(), len(plans)
+        if chunks > 1:
+            table = get_schedule_table(num_microbatches, chunks, self.config.microbatch_group_size_per_vp_stage)
+            order = [chunk for _, chunk in table]
+        else:
+            order = [0] * num_microbatches
 
-        recv_prev_shape = torch.empty(3, device=device, dtype=torch.int64) if recv_prev else None
-        recv_next_shape = torch.empty(3, device=device, dtype=torch.int64) if recv_next else None
-        reqs = _p2p_ops(
-            tensor_send_prev=shape_of(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
-            tensor_send_next=shape_of(tensor_send_next), tensor_recv_next=recv_next_shape,
+        def shape(k):
+            return (k * seq_length, micro_batch_size, self.config.hidden_size)
+
+        in_k = [p.received[1] - p.received[0] + int(p.receives_partial) for p in plans]
+        self.expect_forward = deque(
+            shape(in_k[c]) for c in order if not (rank == 0 and c == 0)  # the first stage reads data
+        )
+        backward = [] if forward_only else [chunks - 1 - c for c in order]
+        self.expect_backward = deque(
+            shape(plans[c].sent_count) for c in backward if not (rank == pp - 1 and c == chunks - 1)
+        )
+
+    def finish(self) -> None:
+        """After a schedule run: every announced receive happened."""
+        if self.expect_forward or self.expect_backward:
+            left = (len(self.expect_forward), len(self.expect_backward))
+            self.expect_forward.clear()
+            self.expect_backward.clear()
+            raise RuntimeError(f"AttnRes pipeline: {left} (activation, gradient) receives were planned but not made")
+
+    def _next_shape(self, queue: deque, what: str):
+        if not queue:
+            raise RuntimeError(f"AttnRes pipeline: the schedule receives more {what} than planned")
+        return queue.popleft()
+
+    def _communicate(self, *, tensor_send_next, tensor_send_prev, recv_prev, recv_next, tensor_shape,
+                     wait_on_reqs=True):
+        config = self.config
+        if tensor_send_next is not None:
+            rank_cache().wire_bytes += tensor_send_next.numel() * tensor_send_next.element_size()
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+        def buffer(shape):
+            return torch.empty(shape, requires_grad=True, device=device, dtype=config.pipeline_dtype)
+
+        tensor_recv_prev = buffer(self._next_shape(self.expect_forward, "activations")) if recv_prev else None
+        tensor_recv_next = buffer(self._next_shape(self.expect_backward, "gradients")) if recv_next else None
+        p2p = _batched_p2p_ops if config.batch_p2p_comm else _p2p_ops
+        reqs = p2p(
+            tensor_send_prev=tensor_send_prev, tensor_recv_prev=tensor_recv_prev,
+            tensor_send_next=tensor_send_next, tensor_recv_next=tensor_recv_next,
             group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank,
         )
-        for req in reqs.values():
-            req.wait()
-        return (
-            recv_prev_shape.tolist() if recv_prev_shape is not None else [0, 0, 0],
-            recv_next_shape.tolist() if recv_next_shape is not None else [0, 0, 0],
-        )
-
-    def _communicate(self, **kwargs):
-        t = kwargs.get("tensor_send_next")
-        if t is not None:
-            rank_cache().wire_bytes += t.numel() * t.element_size()
-        return super()._communicate(**kwargs)
+        if wait_on_reqs and len(reqs) > 0:
+            for req in reqs if isinstance(reqs, list) else reqs.values():
+                req.wait()
+            reqs = None
+        if config.batch_p2p_comm and config.batch_p2p_sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return tensor_recv_prev, tensor_recv_next, reqs
 
 
 def schedule_kwargs(config) -> dict:

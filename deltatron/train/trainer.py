@@ -156,13 +156,6 @@ class Trainer:
 
     def _build_model_chunks(self) -> list:
         par = self.cfg.parallel
-        attnres_pipeline = self.cfg.model.residual != "standard" and par.pp > 1
-        if attnres_pipeline and self.cfg.model.moe_token_dispatcher == "allgather":
-            raise ValueError(
-                f"model.residual={self.cfg.model.residual} with parallel.pp={par.pp} sends hand-offs of "
-                "varying size (variable_seq_lengths), which megatron-core's allgather MoE dispatcher "
-                "refuses; set model.moe_token_dispatcher=alltoall"
-            )
         stages = par.pp * (par.vpp or 1)
         pattern = stage_pattern(self.cfg.model.layer_pattern(), stages, par.pipeline_layers)
         bf16 = self.precision == "bf16"
@@ -177,9 +170,7 @@ class Trainer:
             bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-            # AttnRes stages hand on a varying number of [S, B, D] sources packed along the
-            # sequence dim, so shapes are exchanged before each tensor
-            variable_seq_lengths=attnres_pipeline,
+            variable_seq_lengths=False,
             # Batched p2p (batch_isend_irecv) posts send_prev before send_next; with two pipeline
             # ranks both go to the same peer, whose receives are posted the other way round, so
             # under interleaving an activation and a gradient of equal shape can swap. The
@@ -259,10 +250,16 @@ class Trainer:
         )
         if not self.attnres_pipeline:
             return run()
+        from deltatron.model.attnres import attnres_stacks
         from deltatron.parallel.attnres_pipeline import schedule_scope
 
+        par, comm = self.cfg.parallel, self.schedule_kwargs["p2p_communicator"]
+        local_seq = seq_length // par.cp // (par.tp if par.sequence_parallel else 1)
         with schedule_scope(forward_only):
-            return run()
+            comm.start([s.stage_plan for s in attnres_stacks(self.model)], len(batches), forward_only, local_seq, mbs)
+            result = run()
+            comm.finish()
+            return result
 
     def _mean_loss(self, loss_dicts: list) -> float:
         """Token-weighted mean loss over micro-batches, data-parallel ranks and onto rank 0."""
