@@ -38,11 +38,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, compose, device_tag, environment, sync  # noqa: E402
 
-LOSS_RTOL = {"bf16": 1e-2, "fp32": 1e-4}
+LOSS_RTOL = {"bf16": 1e-2, "fp32": 1e-4}  # precision of the run (train.precision=fp32 on GPUs too)
 
 GPU_MODEL = [
     "model=proxy", "model.num_layers=4", "data.seq_length=2048", "train.micro_batch_size=1",
-    "train.global_batch_size=4", "train.precision=bf16",
+    "train.global_batch_size=4",  # train.precision=auto: bf16 on GPUs
 ]
 CPU_MODEL = [
     "model=tiny", "data.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=8",
@@ -148,6 +148,7 @@ def compare(results: dict, precision: str) -> dict:
             row.update(
                 reference=ref_name,
                 max_loss_rel_diff=max(rel),
+                final_loss_rel_diff=rel[-1],
                 final_loss=r["losses"][-1],
                 reference_final_loss=ref["losses"][-1],
                 loss_parity=max(rel) <= rtol,
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the timing")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU processes, tiny model, fp32")
     parser.add_argument("--attnres", action="store_true", help="add the Block AttnRes jobs")
+    parser.add_argument("--only", default=None, help="comma-separated job names (their references are added)")
     parser.add_argument("--out", default=None, help="default: bench/results/two_gpu_<device>.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -178,11 +180,19 @@ def main() -> None:
     if not args.cpu and torch.cuda.device_count() < 2:
         raise SystemExit(f"two GPUs needed, {torch.cuda.device_count()} visible; --cpu runs on CPU processes")
     base = [*(CPU_MODEL if args.cpu else GPU_MODEL), *COMMON, *overrides]
-    jobs = {**JOBS, **(ATTNRES_JOBS if args.attnres else {})}
+    jobs = {**(ATTNRES_JOBS if args.attnres else {}), **JOBS}
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - set(jobs)
+        if unknown:
+            raise SystemExit(f"--only: unknown jobs {sorted(unknown)}; choose from {sorted(jobs)} (--attnres adds AttnRes jobs)")
+        wanted |= {jobs[name][2] for name in wanted if jobs[name][2]}
+        jobs = {name: job for name, job in jobs.items() if name in wanted}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    results, machine = {}, {}
+    precision = "fp32" if args.cpu or "train.precision=fp32" in overrides else "bf16"
+    results, record = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (world, _, _) in jobs.items():  # references first: they precede their layouts
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
@@ -192,22 +202,20 @@ def main() -> None:
             with open(os.path.join(tmp, f"{name}.json")) as f:
                 part = json.load(f)
             results[name] = part["result"]
-            machine = part["environment"]
-    precision = "fp32" if args.cpu else "bf16"
-    table = compare(results, precision)
-    record = {
-        "benchmark": "two_gpu", **machine,
-        "backend": "gloo" if args.cpu else "nccl",
-        "overrides": base,
-        "steps": args.steps, "timed_steps": args.steps - args.warmup,
-        "loss_rtol": LOSS_RTOL[precision],
-        "table": table,
-        "runs": results,
-    }
-    out = args.out or os.path.join(REPO, "bench", "results", f"two_gpu_{device_tag(machine['device'])}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
+            record = {
+                "benchmark": "two_gpu", **part["environment"],
+                "backend": "gloo" if args.cpu else "nccl",
+                "overrides": base,
+                "steps": args.steps, "timed_steps": args.steps - args.warmup,
+                "loss_rtol": LOSS_RTOL[precision],
+                "table": compare(results, precision),
+                "runs": results,
+            }
+            out = args.out or os.path.join(REPO, "bench", "results", f"two_gpu_{device_tag(record['device'])}.json")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "w") as f:  # after every job, so a cut-short run keeps what it measured
+                json.dump(record, f, indent=2)
+    table = record["table"]
     print(f"{'job':<22}{'tokens/s':>10}{'scaling':>9}{'max loss rel diff':>19}{'parity':>8}")
     for name, row in table.items():
         print(f"{name:<22}{row['tokens_per_sec']:>10,.0f}{row.get('scaling_efficiency', 1.0):>9.2f}"
