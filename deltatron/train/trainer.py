@@ -55,6 +55,17 @@ def keep_fp32_parameters(model: torch.nn.Module) -> None:
             p.data = p.data.float()
 
 
+def reduce_experts_over_expert_groups(model: torch.nn.Module) -> None:
+    """Mark routed-expert weights as megatron-core marks them under expert parallelism
+    (`allreduce=False`: gradients reduced over the expert data-parallel group, a separate
+    optimizer) also when ep=1, where that group is the data-parallel group and nothing numerical
+    changes. Without it the optimizer's structure (one chained optimizer or two) depends on ep,
+    and an EP2 checkpoint's optimizer state does not load under EP1."""
+    for name, param in model.named_parameters():
+        if ".experts." in name and getattr(param, "allreduce", True):
+            param.allreduce = False
+
+
 def stage_pattern(pattern: str, stages: int, layers_per_stage: list[int] | None = None) -> str:
     """Split a hybrid pattern (two symbols per layer) into `stages` pipeline segments with '|'.
 
@@ -192,6 +203,7 @@ class Trainer:
                 **tc_overrides,
             )
             model.to(self.device)
+            reduce_experts_over_expert_groups(model)
             if bf16:
                 model = Float16Module(model.config, model)
                 keep_fp32_parameters(model)
