@@ -96,11 +96,22 @@ def _calls(log) -> list[dict]:
     return [json.loads(line) for line in open(log)] if os.path.exists(log) else []
 
 
-def _sbatch(env, *overrides, timeout=300):
-    return subprocess.run(
-        ["bash", os.path.join(REPO, "launch", "slurm.sbatch"), *overrides],
-        capture_output=True, text=True, cwd="/", env=env, timeout=timeout,
-    )
+def _run(cmd, env, timeout=900) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; on timeout end the whole group (the launcher
+    and every process it started), so nothing outlives the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:2]} did not finish in {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _sbatch(env, *overrides):
+    return _run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), *overrides], env)
 
 
 def test_slurm_two_nodes_two_tasks_each_train_with_gloo(fake_slurm, tmp_path):
@@ -163,7 +174,7 @@ def test_slurm_requeues_when_trainers_exit_75_after_the_preemption_signal(fake_s
     env, records_dir = _fake_trainer_env(env, tmp_path)
     proc = subprocess.Popen(
         ["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "model=tiny", "train.steps=5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", env=env, start_new_session=True,
     )
     deadline = time.time() + 60
     while len(os.listdir(records_dir)) < 4 and time.time() < deadline and proc.poll() is None:
@@ -171,7 +182,9 @@ def test_slurm_requeues_when_trainers_exit_75_after_the_preemption_signal(fake_s
     records = {}
     for name in sorted(os.listdir(records_dir)):
         records[name] = json.load(open(records_dir / name))
-    assert len(records) == 4, proc.communicate()
+    if len(records) < 4:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"only {len(records)} of 4 trainers started: {proc.communicate()}")
     # slurm signals every process of the step; here only the task wrappers are signalled, so the
     # trainer exits 75 only if the wrapper forwards the signal to it
     for r in records.values():
@@ -273,10 +286,7 @@ def test_deepspeed_script_builds_the_launcher_command_and_trains(tmp_path):
         "train.global_batch_size=2", "train.eval_interval=0", "logging.log_interval=1",
         "logging.wandb=false", f"train.run_dir={run_dir}",
     ]
-    out = subprocess.run(
-        [os.path.join(REPO, "launch", "deepspeed.sh"), *overrides],
-        capture_output=True, text=True, cwd="/", env=env, timeout=300,
-    )
+    out = _run([os.path.join(REPO, "launch", "deepspeed.sh"), *overrides], env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     record = json.load(open(log))
     assert record["argv"] == [
