@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -439,16 +438,15 @@ def build_plan(
     def act_bytes(kind: str) -> float:
         it = items[kind]
         per_token = it.replicated / (t if sp else 1) + it.sharded / t + it.full
-        routed = it.routed * k_routed * local_tokens * (etp if it.routed else 0)
-        # under expert-TP the routed tokens are gathered over etp and the expert width split
-        if kind == "moe" and etp > 1:
+        routed = it.routed * k_routed * local_tokens
+        if it.routed and etp > 1:
+            # expert-TP gathers the routed tokens over etp ranks and splits the expert width
             fe = model.moe_ffn_hidden_size
             routed = k_routed * local_tokens * (2 * a * model.hidden_size * etp + 4 * a * fe)
         return per_token * tokens + routed
 
     ranks: list[RankMemory] = []
     chunks = pipeline_ranks(model, par)
-    largest_state = 0.0
     for r, rank_chunks in enumerate(chunks):
         layers = [i for c in rank_chunks for i in c]
         subs = [kinds[2 * i + j] for i in layers for j in (0, 1)]
@@ -482,7 +480,6 @@ def build_plan(
             largest_muon = max((params[k].largest_muon for k in subs), default=0)
             # the full matrix gathered in bf16, Newton-Schulz's X, X X^T, and the polynomial terms
             ns_workspace = 6 * 2.0 * largest_muon
-        largest_state = max(largest_state, optim)
         in_flight = in_flight_microbatches(par, r, num_microbatches)
         per_mb_full = sum(act_bytes(k) for k in subs)
         if recompute == "full":
