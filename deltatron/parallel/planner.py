@@ -130,6 +130,7 @@ class LayerParams:
     largest: int = 0
     largest_muon: int = 0
     num_experts: int = 0  # routed experts (their tensors are sharded whole over EP)
+    muon_replicated: int = 0  # Muon matrices replicated over TP (MLA's down-projections)
 
     @property
     def total(self) -> int:
@@ -162,6 +163,7 @@ def mla_params(cfg: ModelConfig) -> LayerParams:
         muon=q + kv_up + out + kv_down + (d * cfg.q_lora_rank if cfg.q_lora_rank else 0),
         largest=max(q, kv_up, out, kv_down),
         largest_muon=max(q, cfg.kv_lora_rank * n * max(cfg.qk_nope_head_dim, cfg.v_head_dim), out, kv_down),
+        muon_replicated=kv_down + (d * cfg.q_lora_rank if cfg.q_lora_rank else 0),
     )
 
 
@@ -452,7 +454,11 @@ def build_plan(
         subs = [kinds[2 * i + j] for i in layers for j in (0, 1)]
         dense = sum(params[k].sharded / t + params[k].replicated for k in subs)
         expert = sum(params[k].experts / (par.ep * etp) for k in subs)
-        muon = sum(params[k].muon for k in subs)  # unsharded count, for the Muon/AdamW split
+        # this rank's Muon matrices (MuonClip): dense ones split over TP unless replicated
+        muon_dense = sum(
+            (params[k].muon - params[k].experts - params[k].muon_replicated) / t + params[k].muon_replicated
+            for k in subs
+        )
         if r == 0:
             dense += embedding_params(model) / t
         if r == pp - 1:
@@ -464,8 +470,6 @@ def build_plan(
         weights = weight_bytes * local
         gradients = 4.0 * local  # fp32 main_grad buffer (grad_reduce_in_fp32)
         master = 4.0 if precision == "bf16" else 0.0
-        total_subs = sum(params[k].total for k in subs) or 1
-        muon_share = muon / total_subs
         ns_workspace = 0.0
         if optimizer == "adamw" and precision == "bf16":
             # megatron-core's distributed optimizer: fp32 master + 2 moments, sharded over DP
@@ -474,9 +478,11 @@ def build_plan(
             optim = 8.0 * local  # fp32 on CPU: megatron-core's plain optimizer, moments only
         else:
             muon_bytes, adam_bytes = master + 4.0, master + 8.0
-            per_param = muon_share * muon_bytes + (1 - muon_share) * adam_bytes
             largest = max((params[k].largest for k in subs), default=0)
-            optim = per_param * (dense / (dp * cp) + expert / expert_dp) + adam_bytes * largest / t
+            # routed experts are all Muon matrices; embedding, output layer, norms, convolutions,
+            # A_log, dt_bias and the router use AdamW
+            dense_state = muon_bytes * muon_dense + adam_bytes * (dense - muon_dense)
+            optim = dense_state / (dp * cp) + muon_bytes * expert / expert_dp + adam_bytes * largest / t
             largest_muon = max((params[k].largest_muon for k in subs), default=0)
             # the full matrix gathered in bf16, Newton-Schulz's X, X X^T, and the polynomial terms
             ns_workspace = 6 * 2.0 * largest_muon
