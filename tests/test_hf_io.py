@@ -251,17 +251,17 @@ def test_export_import_round_trip_from_ep2_and_pp2(reference, ours, tmp_path):
     _assert_close(_logits(loaded), _logits(hf))
 
 
-def test_export_reads_transformer_engine_keys(reference, ours, tmp_path):
-    """A TE model stores the dense MLP's pre-norm inside linear_fc1; export finds it there."""
+def test_checkpoints_use_the_transformer_engine_key_for_the_dense_pre_mlp_norm(reference, ours, tmp_path):
+    """A TE model stores the dense MLP's pre-norm inside linear_fc1 (linear_fc1.layer_norm_weight);
+    the local model saves it under that key too, so one checkpoint serves both, and export reads it."""
     from deltatron.model.export import load_checkpoint_model
     from deltatron.train.checkpoint import save_sharded
 
     cfg, _, _ = reference
     sharded = ours.sharded_state_dict()
-    renamed = sharded["decoder.layers.1.pre_mlp_layernorm.weight"]
-    renamed.key = "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
-    save_sharded(sharded, str(tmp_path / "te"))
-    loaded = load_checkpoint_model(str(tmp_path / "te"), cfg, training=False)
+    assert sharded["decoder.layers.1.pre_mlp_layernorm.weight"].key == "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+    save_sharded(sharded, str(tmp_path / "ckpt"))
+    loaded = load_checkpoint_model(str(tmp_path / "ckpt"), cfg, training=False)
     got, want = _weights(loaded), _weights(ours)
     assert all(torch.equal(got[k], want[k]) for k in want)
 

@@ -112,7 +112,6 @@ def load_checkpoint_model(ckpt_dir: str, cfg: ModelConfig, training: bool) -> to
     model = build_model(dataclasses.replace(cfg, transformer_impl="local"),
                         use_cpu_initialization=True, perform_initialization=False).eval()
     template = model.sharded_state_dict()
-    match_saved_keys(template, set(dist_checkpointing.load_tensors_metadata(ckpt_dir)))
     try:
         state = dist_checkpointing.load({"model": template} if training else template, ckpt_dir)
     except Exception as exc:
@@ -123,26 +122,6 @@ def load_checkpoint_model(ckpt_dir: str, cfg: ModelConfig, training: bool) -> to
         ) from exc
     model.load_state_dict(state["model"] if training else state, strict=True)
     return model
-
-
-# Transformer Engine fuses the dense MLP's pre-norm into linear_fc1, so checkpoints of TE models
-# store it under another key than the local modules' (local key prefix -> TE key prefix).
-TE_KEY_ALIASES = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
-
-
-def match_saved_keys(template: dict, saved: set[str]) -> None:
-    """Point the template's tensors at the keys a Transformer Engine model saved them under,
-    where the checkpoint has the TE key instead of the local one."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    for sh in nested_values(template):
-        if not isinstance(sh, ShardedTensor) or sh.key in saved:
-            continue
-        for local, te in TE_KEY_ALIASES.items():
-            alias = sh.key.replace(local, te, 1)
-            if local in sh.key and alias in saved:
-                sh.key = alias
 
 
 # ---------------------------------------------------------------------------- writing

@@ -173,6 +173,10 @@ def kimi_linear_stack_spec(
                 submodules=MLPSubmodules(linear_fc1=b.mlp_fc1, linear_fc2=b.row),
             ),
             mlp_bda=bda,
+            # Transformer Engine fuses the pre-MLP norm into linear_fc1 and saves it as
+            # linear_fc1.layer_norm_weight; the local modules save theirs under the same key, so
+            # one checkpoint loads with and without TE (megatron-core's GPT local spec does the same)
+            sharded_state_dict_keys_map={} if b.use_te else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
     moe_layer = ModuleSpec(
