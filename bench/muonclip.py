@@ -22,42 +22,24 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-
-def _config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from deltatron.train.__main__ import conf_dir, to_run_config
-    from deltatron.train.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        return to_run_config(compose(config_name="config", overrides=overrides))
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, compose, device_tag, environment, sync  # noqa: E402
 
 
 def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
     """Train `steps` steps with `optimizer`; per-step timings and losses."""
     from deltatron.train.trainer import Trainer
 
-    cfg, resolved = _config([f"optim={optimizer}", f"train.steps={steps}", *overrides])
+    cfg, resolved = compose([f"optim={optimizer}", f"train.steps={steps}", *overrides])
     trainer = Trainer(cfg, resolved)
     step_ms: list[float] = []
     inner = trainer.optimizer.step
 
     def timed_step():
-        _sync()
+        sync()
         start = time.perf_counter()
         out = inner()
-        _sync()
+        sync()
         step_ms.append(1e3 * (time.perf_counter() - start))
         return out
 
@@ -66,10 +48,10 @@ def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
     iteration_ms, losses, metrics = [], [], {}
     for _ in range(steps):
         batches = [next(it) for _ in range(trainer.num_microbatches)]
-        _sync()
+        sync()
         start = time.perf_counter()
         out = trainer.train_step(batches)
-        _sync()
+        sync()
         iteration_ms.append(1e3 * (time.perf_counter() - start))
         losses.append(out["loss"])
         metrics = out.get("optim_metrics", {})
@@ -88,7 +70,7 @@ def _child(args, overrides: list[str]) -> None:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        result["environment"] = environment()
         result["world_size"] = dist.get_world_size()
         with open(args.part, "w") as f:
             json.dump(result, f)
@@ -125,17 +107,9 @@ def main() -> None:
             with open(part) as f:
                 results[name] = json.load(f)
     m, a = results["muonclip"], results["adamw"]
-    device = m["device"].split()[1].lower() if m["device"].startswith("NVIDIA") else m["device"]
-    import datetime
-
-    import megatron.core
-    import triton
-
     record = {
-        "device": m["device"],
+        "benchmark": "muonclip", **m["environment"],
         "world_size": m["world_size"],
-        "torch": torch.__version__, "triton": triton.__version__, "megatron_core": megatron.core.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "overrides": overrides,
         "steps": args.steps,
         "timed_steps": args.steps - args.warmup,
@@ -152,7 +126,7 @@ def main() -> None:
         "adamw_losses": a["losses"],
         "muonclip_last_qk_clip": m["last_qk_clip"],
     }
-    out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device}.json")
+    out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device_tag(record['device'])}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=2)

@@ -70,3 +70,16 @@ def train_in_process(overrides: list[str], run_dir: str, patch=None) -> dict:
     if patch is not None:
         patch(trainer)
     return trainer.fit()
+
+
+def losses_by_step(run_dir) -> dict[int, float]:
+    """The last logged training loss of each step in a run's metrics.jsonl (a resumed run logs
+    its steps again)."""
+    import json
+
+    out = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        record = json.loads(line)
+        if "train/loss" in record:
+            out[record["step"]] = record["train/loss"]
+    return out

@@ -3,7 +3,6 @@ bit for bit (CPU, fp32); bad steps are skipped; bad checkpoints stop with their 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -16,7 +15,7 @@ import torch
 
 from deltatron.train.preemption import PREEMPTED_EXIT_CODE
 
-from conftest import REPO, subprocess_env, train_in_process
+from conftest import REPO, losses_by_step, subprocess_env, train_in_process
 
 STEPS = 8
 OVERRIDES = [
@@ -54,16 +53,6 @@ def _start(run_dir, *extra) -> subprocess.Popen:
     )
 
 
-def _losses_by_step(run_dir) -> dict[int, float]:
-    """The last logged loss of each step in metrics.jsonl (a resumed run logs its steps again)."""
-    out = {}
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        record = json.loads(line)
-        if "train/loss" in record:
-            out[record["step"]] = record["train/loss"]
-    return out
-
-
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -79,7 +68,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, t
     reference, _ = uninterrupted
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
-    step4 = lambda: os.path.exists(run_dir / "metrics.jsonl") and 4 in _losses_by_step(run_dir)  # noqa: E731
+    step4 = lambda: os.path.exists(run_dir / "metrics.jsonl") and 4 in losses_by_step(run_dir)  # noqa: E731
     _wait_for(step4, proc)  # past the checkpoint of step 3, before the one of step 6
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -88,23 +77,23 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, t
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     assert "resumed from" in stdout
-    assert [_losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]  # bit for bit
+    assert [losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]  # bit for bit
 
 
 def test_sigterm_saves_exits_for_requeue_and_resumes(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
-    _wait_for(lambda: os.path.exists(run_dir / "metrics.jsonl") and 1 in _losses_by_step(run_dir), proc)
+    _wait_for(lambda: os.path.exists(run_dir / "metrics.jsonl") and 1 in losses_by_step(run_dir), proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
-    stopped = max(_losses_by_step(run_dir))
+    stopped = max(losses_by_step(run_dir))
     assert stopped < STEPS and f"preempted (SIGTERM): saved step {stopped}" in stdout
     assert os.path.isdir(run_dir / "checkpoints" / f"step_{stopped:07d}")
     history = train_in_process(OVERRIDES, str(run_dir))  # resume=auto, in this process
     assert history["first_step"] == stopped + 1
-    assert [_losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]
+    assert [losses_by_step(run_dir)[s] for s in range(1, STEPS + 1)] == reference["loss"]
 
 
 def test_async_save_writes_the_same_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, process_groups,
@@ -257,7 +246,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(preset, tmp_path, process_gr
         cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    expected = _losses_by_step(two_ranks)
+    expected = losses_by_step(two_ranks)
     checkpoint = two_ranks / "checkpoints" / "step_0000003"
     history = train_in_process(OVERRIDES + [f"train.resume={checkpoint}"], str(tmp_path / "one"))
     assert history["first_step"] == 4
