@@ -3,7 +3,6 @@ straightforward formula, and (below) pipeline layouts against one process."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -272,8 +271,16 @@ def test_depth_metrics_are_softmax_means_and_output_rms(seeded):
     assert m["attnres/weight/sub03/src1"] == pytest.approx(0.5)  # first of block 2: emb, b1
     assert m["attnres/weight/sub04/src2"] == pytest.approx(1 / 3)
     assert [m[f"attnres/weight/subfinal/src{j}"] for j in range(4)] == pytest.approx([0.25] * 4)
-    assert all(m[f"attnres/output_rms/sub{l:02d}"] > 0 for l in range(L))
-    assert collect_depth_metrics([build_model(ModelConfig(**SMALL))]) == {}
+    assert all(m[f"residual/output_rms/sub{l:02d}"] > 0 for l in range(L))
+    # standard residuals: output RMS only, f = layer(h) - h, from forward hooks removed afterwards
+    std = build_model(ModelConfig(**SMALL))
+    assert collect_depth_metrics([std]) == {}  # nothing recording
+    start_depth_metrics([std])
+    with torch.no_grad():
+        std(tokens, None, None)
+    m = collect_depth_metrics([std])
+    assert sorted(m) == [f"residual/output_rms/sub{l:02d}" for l in range(L)] and min(m.values()) > 0
+    assert all(not layer._forward_hooks for layer in std.decoder.layers)
 
 
 def test_attnres_cli_config_and_tiny_training_run(tmp_path, process_groups, monkeypatch):
@@ -294,7 +301,7 @@ def test_attnres_cli_config_and_tiny_training_run(tmp_path, process_groups, monk
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     logged = [r for r in records if "attnres/weight/subfinal/src0" in r]
     assert [r["step"] for r in logged] == [1, 3, 6]
-    assert "attnres/output_rms/sub07" in logged[-1]
+    assert "residual/output_rms/sub07" in logged[-1]
 
 
 # ------------------------------------------------------------------------------ pipelines
@@ -303,6 +310,7 @@ def test_attnres_cli_config_and_tiny_training_run(tmp_path, process_groups, monk
 PIPE = {"residual": "block_attnres", "attnres_blocks": 3}
 TWO = {"pp2": dict(pp=2), "pp2_vpp2": dict(pp=2, vpp=2)}
 FOUR = {"tp2_pp2": dict(tp=2, pp=2, sequence_parallel=True)}
+TWO_MICROBATCHES = {"pp2_vpp2_2mb": dict(pp=2, vpp=2)}
 
 
 def test_stage_plans_send_only_blocks_the_next_rank_lacks():
@@ -320,14 +328,22 @@ def test_stage_plans_send_only_blocks_the_next_rank_lacks():
     assert (plans[0].sent, plans[0].sends_partial, plans[1].received, plans[1].receives_partial) == ((0, 2), True, (0, 2), True)
 
 
-def _pipeline_job(rank, world_size, layouts, init, out_dir, overrides):
+def _pipeline_job(rank, world_size, layouts, init, out_dir, overrides, two_microbatch_layouts=None):
     import parity
 
     from deltatron.parallel.attnres_pipeline import rank_cache
 
     out = {}
-    for name, layout in layouts.items():
-        losses = parity.train_layout(layout, init, f"{out_dir}/{name}", f"{out_dir}/run-{name}", overrides)
+    runs = [(name, layout, parity.GLOBAL_BATCH) for name, layout in layouts.items()]
+    # as many micro-batches as pipeline ranks: every micro-batch of the interleaved schedule is in
+    # its warm-up, where the two ranks' p2p calls do not pair up one to one
+    runs += [(name, layout, 2 * parity.MICRO_BATCH) for name, layout in (two_microbatch_layouts or {}).items()]
+    for name, layout, global_batch in runs:
+        saved, parity.GLOBAL_BATCH = parity.GLOBAL_BATCH, global_batch
+        try:
+            losses = parity.train_layout(layout, init, f"{out_dir}/{name}", f"{out_dir}/run-{name}", overrides)
+        finally:
+            parity.GLOBAL_BATCH = saved
         cache = rank_cache()  # the last step's counts
         out[name] = dict(losses=losses, bytes=dict(cache.bytes_sent), wire=cache.wire_bytes,
                          left=sum(len(d) for d in cache.entries.values()))
@@ -342,8 +358,8 @@ def pipeline_runs(tmp_path_factory, process_groups):
     tmp = tmp_path_factory.mktemp("attnres_pp")
     init, ref_losses = _reference(tmp, PIPE)
     results = {}
-    for layouts, world in ((TWO, 2), (FOUR, 4)):
-        for rank_result in run_distributed(_pipeline_job, world, layouts, init, str(tmp), PIPE):
+    for layouts, world, few in ((TWO, 2, TWO_MICROBATCHES), (FOUR, 4, None)):
+        for rank_result in run_distributed(_pipeline_job, world, layouts, init, str(tmp), PIPE, few):
             for name, r in rank_result.items():
                 results.setdefault(name, []).append(r)
     return tmp, ref_losses, _params(str(tmp / "ref"), PIPE), results
@@ -351,13 +367,22 @@ def pipeline_runs(tmp_path_factory, process_groups):
 
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_pipeline_layouts_match_single_process(name, pipeline_runs):
-    import parity
     from test_parallel_parity import _check, _params
 
     tmp, ref_losses, ref_params, results = pipeline_runs
     losses = results[name][-1]["losses"]  # the last pipeline stage reports the loss on every rank
     _check(name, ref_losses, losses, ref_params, _params(str(tmp / name), PIPE))
     assert all(r["left"] == 0 for r in results[name]), "block cache not freed after backward"
+
+
+def test_interleaved_pipeline_with_two_micro_batches_trains(pipeline_runs):
+    """Regression: pipeline size = micro-batches (all in the warm-up) once deadlocked."""
+    *_, results = pipeline_runs
+    runs = results["pp2_vpp2_2mb"]
+    losses = runs[-1]["losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert all(r["left"] == 0 for r in runs)
+    assert sorted(mb for r in runs for mb in r["bytes"]) == [0, 0, 1, 1]
 
 
 # tensors of [S, B, D] handed on per micro-batch: pp2 sends emb, b1 and block 2's partial sum;

@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from deltatron.model.model import KimiLinearStack
@@ -110,17 +109,6 @@ def block_layout(residual: str, num_sublayers: int, attnres_blocks: int) -> Bloc
 
 
 # ------------------------------------------------------------------------------------ the math
-def depth_logits(x: Tensor, queries: Tensor, eps: float) -> Tensor:
-    """Logits of one source for k queries: (q . x) / rms(x), in fp32.
-
-    x: [S, B, D] a source (block representation or embedding); queries: [k, D] fp32 effective
-    queries (pseudo-query times key-norm weight). Returns [S, B, k].
-    """
-    xf = x.float()
-    inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf @ queries.t()) * inv_rms
-
-
 def _wide(x: Tensor) -> Tensor:
     """x in fp32, or wider if it already is (float64 in gradient checks)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -308,16 +296,18 @@ class DepthQuery(MegatronModule):
 
 # ----------------------------------------------------------------------------------- metrics
 class DepthMetrics:
-    """Detached sums for logging: per sub-layer (and the final aggregation, row L) the mean
-    softmax weight on each source (column 0 the embedding, n block n), and per sub-layer the RMS
-    of its output f(norm(h)) (the paper's PreNorm-dilution signal)."""
+    """Detached sums for logging: per sub-layer the RMS of its output f(norm(h)) (the paper's
+    PreNorm-dilution signal), and for AttnRes (num_blocks given) per sub-layer and the final
+    aggregation (row L) the mean softmax weight on each source (column 0 the embedding, n block n).
+    """
 
-    def __init__(self, layout: BlockLayout, device):
-        rows, cols = layout.num_sublayers + 1, layout.num_blocks + 1
+    def __init__(self, num_sublayers: int, num_blocks: Optional[int], device):
+        self.num_blocks = num_blocks
+        rows, cols = (num_sublayers + 1, num_blocks + 1) if num_blocks else (0, 0)
         self.weight_sum = torch.zeros(rows, cols, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(rows, dtype=torch.float64, device=device)
-        self.sq_sum = torch.zeros(layout.num_sublayers, dtype=torch.float64, device=device)
-        self.elements = torch.zeros(layout.num_sublayers, dtype=torch.float64, device=device)
+        self.sq_sum = torch.zeros(num_sublayers, dtype=torch.float64, device=device)
+        self.elements = torch.zeros(num_sublayers, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add_weights(self, row: int, sources: Sequence[int], weights: Sequence[Tensor]) -> None:
@@ -485,46 +475,64 @@ class AttnResStack(KimiLinearStack):
 # ------------------------------------------------------------------------------ model helpers
 def attnres_stacks(model_chunks) -> list[AttnResStack]:
     """The AttnRes stacks inside (DDP/Float16Module-wrapped) model chunks; [] for standard models."""
-    out = []
-    for chunk in model_chunks:
-        for module in chunk.modules():
-            if isinstance(module, AttnResStack):
-                out.append(module)
-    return out
+    return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, AttnResStack)]
+
+
+def _hybrid_stacks(model_chunks) -> list[KimiLinearStack]:
+    return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, KimiLinearStack)]
+
+
+def _record_standard_output(stack: KimiLinearStack, module, args, kwargs, output) -> None:
+    """Forward hook on a standard sub-layer: its output f(norm(h)) is what it adds to h."""
+    out = output[0] if isinstance(output, tuple) else output
+    stack.metrics.add_output(module.layer_number - 1, out.detach() - kwargs["hidden_states"].detach())
 
 
 def start_depth_metrics(model_chunks) -> None:
-    """Record depth-attention weights and output RMS during the next forward passes."""
-    for stack in attnres_stacks(model_chunks):
-        p = next(stack.parameters())
-        stack.metrics = DepthMetrics(stack.layout, p.device)
+    """Record, during the next forward passes, every sub-layer's output RMS and (AttnRes models)
+    the depth-attention weights. Standard stacks record through forward hooks on their layers."""
+    import functools
+
+    for stack in _hybrid_stacks(model_chunks):
+        device = next(stack.parameters()).device
+        if isinstance(stack, AttnResStack):
+            stack.metrics = DepthMetrics(stack.config.num_layers, stack.layout.num_blocks, device)
+        else:
+            stack.metrics = DepthMetrics(stack.config.num_layers, None, device)
+            stack._metric_hooks = [
+                layer.register_forward_hook(functools.partial(_record_standard_output, stack), with_kwargs=True)
+                for layer in stack.layers
+            ]
 
 
 def collect_depth_metrics(model_chunks, group=None) -> dict[str, float]:
     """Stop recording and return the means over every rank (a collective over `group`, default the
-    world; ranks without AttnRes layers contribute zeros), keyed for the monitor:
+    world; ranks contribute zeros for layers they do not hold), keyed for the monitor:
 
-    attnres/weight/sub{l:02d}/src{j} (sub "final" for the final aggregation; src 0 is the
-    embedding, src n block n) and attnres/output_rms/sub{l:02d}.
+    residual/output_rms/sub{l:02d} (every model) and attnres/weight/sub{l:02d}/src{j} (AttnRes: sub
+    "final" for the final aggregation; src 0 is the embedding, src n block n). {} when nothing was
+    recording.
     """
     import torch.distributed as dist
 
-    stacks = attnres_stacks(model_chunks)
+    stacks = [s for s in _hybrid_stacks(model_chunks) if getattr(s, "metrics", None) is not None]
     if not stacks:
         return {}
-    layout = stacks[0].layout
-    total = DepthMetrics(layout, next(stacks[0].parameters()).device)
+    first = stacks[0].metrics
+    total = DepthMetrics(first.sq_sum.numel(), first.num_blocks, first.sq_sum.device)
     for stack in stacks:
-        if stack.metrics is None:
-            continue
         for name in ("weight_sum", "tokens", "sq_sum", "elements"):
             getattr(total, name).add_(getattr(stack.metrics, name))
         stack.metrics = None
+        for hook in getattr(stack, "_metric_hooks", []):
+            hook.remove()
+        stack._metric_hooks = []
     flat = torch.cat([total.weight_sum.flatten(), total.tokens, total.sq_sum, total.elements])
     if dist.is_initialized():
         dist.all_reduce(flat, group=group)
-    rows, cols = layout.num_sublayers + 1, layout.num_blocks + 1
-    weight_sum, tokens, sq_sum, elements = flat.split([rows * cols, rows, rows - 1, rows - 1])
+    rows, cols = total.weight_sum.shape
+    sub = total.sq_sum.numel()
+    weight_sum, tokens, sq_sum, elements = flat.split([rows * cols, rows, sub, sub])
     weight_sum = weight_sum.view(rows, cols)
     out = {}
     for r in range(rows):
@@ -534,14 +542,14 @@ def collect_depth_metrics(model_chunks, group=None) -> dict[str, float]:
         for j in range(cols):
             if weight_sum[r, j] > 0:  # the sources this sub-layer sees (softmax weights are > 0)
                 out[f"attnres/weight/sub{name}/src{j}"] = float(weight_sum[r, j] / tokens[r])
-    for l in range(rows - 1):
+    for l in range(sub):
         if elements[l] > 0:
-            out[f"attnres/output_rms/sub{l:02d}"] = float((sq_sum[l] / elements[l]).sqrt())
+            out[f"residual/output_rms/sub{l:02d}"] = float((sq_sum[l] / elements[l]).sqrt())
     return out
 
 
 __all__ = [
     "AttnResStack", "BlockLayout", "DepthMetrics", "DepthQuery", "attend_completed", "block_layout",
-    "collect_depth_metrics", "depth_attention_reference", "depth_logits", "merge_partial", "run_block_group",
+    "collect_depth_metrics", "depth_attention_reference", "merge_partial", "run_block_group",
     "start_depth_metrics",
 ]

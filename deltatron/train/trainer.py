@@ -414,7 +414,7 @@ class Trainer:
                 logging_step = (
                     self.step % cfg.logging.log_interval == 0 or self.step == train.steps or self.step == first_step
                 )
-                if logging_step:  # AttnRes depth weights and output RMS, recorded on this step only
+                if logging_step:  # sub-layer output RMS (+ AttnRes depth weights), this step only
                     start_depth_metrics(self.model)
                 out = self.train_step(batches)
                 depth_metrics = collect_depth_metrics(self.model) if logging_step else {}
