@@ -320,12 +320,15 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded):
     cfg = _model("tiny")
     model = build_model(cfg)
     param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    current, saved = ["outside"], {}
+    # keep every saved tensor alive until the end: a storage freed early (a discarded branch of
+    # the graph) could otherwise be reused at the same address and be missed as a duplicate
+    current, saved, keep = ["outside"], {}, []
     for i, layer in enumerate(model.decoder.layers):
         layer.register_forward_pre_hook(lambda mod, args, i=i: current.__setitem__(0, i))
         layer.register_forward_hook(lambda mod, args, out: current.__setitem__(0, "outside"))
 
     def pack(t):
+        keep.append(t)
         s = t.untyped_storage()
         if s.data_ptr() not in param_storage and s.data_ptr() not in saved:
             frame, in_kernel = sys._getframe(), False
@@ -356,3 +359,44 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded):
             it = _kda_items(cfg, a, documents=False)
             kernel_inputs = a * 3 * hk + 4 * hk + 4 * cfg.kda_num_heads
             assert measured == pytest.approx(it.replicated + it.sharded + it.full - kernel_inputs, rel=0.02)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muonclip"])
+def test_static_memory_matches_the_tensors_the_trainer_allocates(process_groups, tmp_path, optim):
+    """Weights, gradient buffers and optimizer state of the tiny model after one step on CPU
+    (fp32, one process) add up to the planner's weights + gradients + optimizer terms."""
+    import torch
+
+    from conftest import train_in_process
+
+    held = {}
+    train_in_process(
+        ["model=tiny", f"optim={optim}", "train.precision=fp32", "data.mock=true", "data.seq_length=64",
+         "train.micro_batch_size=2", "train.global_batch_size=2", "train.steps=1", "train.eval_interval=0",
+         "train.save_interval=0", "logging.wandb=false"],
+        str(tmp_path), patch=lambda trainer: held.update(trainer=trainer),
+    )
+    trainer = held["trainer"]
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    params = [p for m in trainer.model for p in m.parameters()]
+    weights = sum(nbytes(p) for p in params)
+    grads = sum(nbytes(b.grad_data) for m in trainer.model for b in m.buffers + m.expert_parallel_buffers)
+    opt = trainer.optimizer
+    state = 0
+    if optim == "adamw":  # megatron-core's optimizer, or a chain of them (dense, experts)
+        for inner in getattr(opt, "chained_optimizers", [opt]):
+            for s in inner.optimizer.state.values():
+                state += sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    else:
+        for e in opt.entries:
+            for v in e.state.values():
+                state += sum(nbytes(t) for t in (v.values() if isinstance(v, dict) else [v]))
+            state += nbytes(e.master) if e.separate_master else 0
+    plan = build_plan(_model("tiny"), ParallelConfig(), world=1, gpu=GPUS["h100"], seq_length=64,
+                      micro_batch_size=2, global_batch_size=2, optimizer=optim, precision="fp32")
+    r = plan.ranks[0]
+    assert (weights, grads) == (r.weights, r.gradients)
+    largest = max(p.largest for p in params_by_kind(_model("tiny")).values())
+    # MuonClip: the planner adds one largest tensor's state for the greedy placement over DP
+    greedy = 8.0 * largest if optim == "muonclip" else 0.0
+    assert state == pytest.approx(r.optimizer - greedy)
