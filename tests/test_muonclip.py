@@ -399,8 +399,8 @@ def test_qk_clip_brings_offending_heads_to_tau(tmp_path, process_groups):
     after = _record_max_logits(trainer, batches)
     torch.testing.assert_close(after[0], torch.tensor(tau), rtol=1e-4, atol=0)
     torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=0)
-    assert out["optim_metrics"]["qk_clip/layer4_clipped_heads"] == 1
-    assert out["optim_metrics"]["qk_clip/layer4_max_logit"] == pytest.approx(before[0].item())
+    assert out["optim_metrics"]["optim/qk_clipped_heads/layer4"] == 1
+    assert out["optim_metrics"]["optim/qk_max_logit/layer4"] == pytest.approx(before[0].item())
     gamma = tau / before[0].item()
     new = {n: p.detach() for n, p in attn.named_parameters()}
     q_old, q_new = (w["linear_q_proj.weight"].view(2, q_head, -1) for w in (weights, new))

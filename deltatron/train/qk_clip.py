@@ -134,6 +134,6 @@ class QKClip:
         out = {}
         for i in torch.nonzero(torch.isfinite(max_logit)).flatten().tolist():
             layer = i // 2 + 1
-            out[f"qk_clip/layer{layer}_max_logit"] = max_logit[i].item()
-            out[f"qk_clip/layer{layer}_clipped_heads"] = int(clipped[i].item())
+            out[f"optim/qk_max_logit/layer{layer}"] = max_logit[i].item()
+            out[f"optim/qk_clipped_heads/layer{layer}"] = int(clipped[i].item())
         return out
