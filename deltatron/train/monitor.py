@@ -1,13 +1,26 @@
-"""Where training metrics go: the console, a JSONL file in the run directory, and wandb.
+"""Where training metrics go: the console, a JSONL file in the run directory, wandb and (optionally)
+TensorBoard.
 
 Only rank 0 writes. wandb runs offline unless the config says otherwise, so a run never needs a
-login; `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later.
+login; `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later. The wandb run id is derived from
+the run directory, so a job that resumes in the same directory continues the same wandb run.
+Each run directory also gets `run_info.json`: the git commit, the exact command line and the host,
+saved with the wandb run too (next to the resolved config.yaml the trainer writes).
+
+Console: on a terminal a rich progress bar with ETA to train.steps; otherwise (log files, CI) the
+per-log-step line "step N/M | loss ... | ETA ..." is the progress line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from typing import Any, Optional
 
@@ -25,6 +38,69 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def wandb_run_id(run_dir: str) -> str:
+    """A stable wandb id for a run directory: resuming in the same directory continues the run."""
+    path = os.path.realpath(run_dir)
+    stem = "".join(c if c.isalnum() else "-" for c in os.path.basename(path))[:40].strip("-")
+    return f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def git_commit(repo_dir: str) -> Optional[str]:
+    """The checkout's commit (with "-dirty" if it has uncommitted changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info() -> dict:
+    """What reproduces this process: the code version, the exact command line, where it ran."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {
+        "git_commit": git_commit(here),
+        "command": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(),
+        "host": socket.gethostname(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Progress:
+    """rich progress bar with ETA to train.steps, on an interactive terminal only."""
+
+    def __init__(self, total: int, first: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"), transient=False,
+        )
+        self.task = self.bar.add_task("", total=total, completed=first - 1)
+        self.bar.start()
+
+    def print(self, line: str) -> None:
+        self.bar.console.print(line, markup=False, highlight=False)
+
+    def advance(self, description: Optional[str]) -> None:
+        if description is None:
+            self.bar.advance(self.task)
+        else:
+            self.bar.update(self.task, advance=1, description=description)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
 class Monitor:
     def __init__(self, run_dir: str, logging_cfg, resolved_config: dict, wandb_id: Optional[str] = None):
         self.run_dir = run_dir
@@ -32,10 +108,15 @@ class Monitor:
         self.enabled = is_rank0()
         self._wandb = None
         self._jsonl = None
+        self._tb = None
+        self._progress: Optional[_Progress] = None
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        info = run_info()
+        with open(os.path.join(run_dir, "run_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
         if logging_cfg.wandb and logging_cfg.wandb_mode != "disabled":
             import wandb
 
@@ -43,31 +124,73 @@ class Monitor:
                 project=logging_cfg.wandb_project,
                 entity=logging_cfg.wandb_entity,
                 name=logging_cfg.run_name,
-                id=wandb_id,
-                resume="allow" if wandb_id else None,
+                id=wandb_id or wandb_run_id(run_dir),
+                resume="allow",
                 mode=logging_cfg.wandb_mode,
                 dir=run_dir,
-                config=resolved_config,
+                config={**resolved_config, "run_info": info},
             )
+            # the files themselves too, as written; files in the run's directory are uploaded with
+            # it ("config.yaml" there is wandb's own, hence the other name)
+            for name, dest in (("config.yaml", "resolved_config.yaml"), ("run_info.json", "run_info.json")):
+                path = os.path.join(run_dir, name)
+                if os.path.exists(path):
+                    shutil.copyfile(path, os.path.join(self._wandb.dir, dest))
+        if getattr(logging_cfg, "tensorboard", False):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError(
+                    "logging.tensorboard=true needs the tensorboard package: pip install -e '.[obs]'"
+                ) from exc
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     @property
     def wandb_dir(self) -> Optional[str]:
         return self._wandb.dir if self._wandb is not None else None
 
+    def start_progress(self, total_steps: int, first_step: int) -> None:
+        """Show a progress bar (rank 0, interactive terminal, logging.progress_bar)."""
+        if self.enabled and getattr(self.cfg, "progress_bar", True) and sys.stdout.isatty():
+            self._progress = _Progress(total_steps, first_step)
+
+    def step_done(self, description: Optional[str] = None) -> None:
+        """Advance the progress bar by one step (cheap: no I/O unless it redraws)."""
+        if self._progress is not None:
+            self._progress.advance(description)
+
     def print(self, line: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.print(line)
+        else:
             print(line, flush=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """One record: the JSONL gets everything (lists such as moe/layer{N}/load as lists), wandb
+        gets scalars and a histogram per list, TensorBoard scalars only."""
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            import wandb
+
+            self._wandb.log(
+                {k: (wandb.Histogram(v) if isinstance(v, list) else v) for k, v in metrics.items()}, step=step
+            )
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if _scalar(v) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
