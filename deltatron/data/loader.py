@@ -91,7 +91,14 @@ class CorpusData:
         which, index = self.schedule.locate(np.arange(first, first + b))
         rows = np.empty((b, t + 1), dtype=np.int64)
         starts = [datasets[j].sample(n, rows[r]) for r, (j, n) in enumerate(zip(which.tolist(), index.tolist()))]
-        return batch_from_rows(rows, starts, self.cfg.document_boundaries)
+        batch = batch_from_rows(rows, starts, self.cfg.document_boundaries)
+        batch["dataset"] = torch.from_numpy(which)  # [B] blend entry of each row (data/loss/{name})
+        return batch
+
+    def dataset_names(self) -> list[str]:
+        """A short unique name per blend entry (its directory's name), for data/ metrics."""
+        names = [os.path.basename(os.path.normpath(e.path)) for e in self.entries]
+        return [n if names.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(names)]
 
     def train_batches(self) -> Iterator[dict]:
         """This rank's micro-batches from the current position on (endless). The position moves

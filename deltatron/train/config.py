@@ -136,7 +136,11 @@ class LoggingConfig:
     wandb_project: str = "deltatron"
     wandb_entity: Optional[str] = None
     run_name: Optional[str] = None
-    peak_tflops: Optional[float] = None  # per-device bf16 dense peak for MFU, if not in our table
+    # per-device bf16 dense peak TFLOP/s for MFU; without it MFU is reported only for devices in
+    # deltatron.train.flops.PEAK_TFLOPS_BF16 (the start-up banner prints which applies)
+    peak_tflops: Optional[float] = None
+    tensorboard: bool = False  # also write TensorBoard scalars to <run_dir>/tensorboard (extra "obs")
+    progress_bar: bool = True  # rich progress bar with ETA when stdout is a terminal (rank 0)
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):

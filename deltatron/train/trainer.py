@@ -30,6 +30,7 @@ from deltatron.parallel.setup import init_process_groups
 from deltatron.train.checkpoint import load_model
 from deltatron.train.config import RunConfig
 from deltatron.train.flops import peak_tflops, training_flops_per_token
+from deltatron.train.metrics import ModelProbes, StepTimer, grad_norms_by_group, rank_stats
 from deltatron.train.monitor import Monitor, format_duration, is_rank0
 from deltatron.train.optim import build_optimizer, build_scheduler
 from deltatron.train.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
@@ -152,6 +153,12 @@ class Trainer:
         self.peak_tflops, self.peak_source = peak_tflops(device_name, cfg.logging.peak_tflops)
         self.step = 0
         self.good_losses: list[float] = []  # the last good steps' losses (loss-spike guard)
+        # observability (deltatron.train.metrics): probes and per-dataset losses run on log steps only
+        self.probes = ModelProbes(self.model, cfg.model.num_layers, cfg.model.num_experts)
+        self.timer = StepTimer()
+        names = getattr(self.data, "dataset_names", None)
+        self.dataset_names: list[str] = names() if names is not None else []
+        self._log_step = False  # set by fit() around a log step's train_step
 
     # ------------------------------------------------------------------ set-up
     def _make_run_dir(self) -> str:
@@ -233,15 +240,26 @@ class Trainer:
             tokens, labels, loss_mask = (x.reshape(1, -1) for x in (tokens, labels, loss_mask))
             psp = packed_seq_params(batch["cu_seqlens"].to(self.device), int(batch["max_seqlen"]))
         output = model(tokens, None, None, labels=labels, packed_seq_params=psp)
-        return output, partial(self._loss, loss_mask)
+        # per-dataset loss of a blend: only on log steps, from the rows' blend entries
+        dataset = batch.get("dataset") if self._log_step and len(self.dataset_names) > 1 else None
+        return output, partial(self._loss, loss_mask, dataset, len(self.dataset_names))
 
     @staticmethod
-    def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    def _loss(loss_mask: torch.Tensor, dataset, num_datasets: int, per_token_loss: torch.Tensor):
         mask = loss_mask.reshape(-1).float()
         loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
         num_tokens = mask.sum().to(torch.int)
-        report = torch.stack([loss_sum.detach(), mask.sum()])
-        return loss_sum, num_tokens, {"lm loss": report}
+        report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+        if dataset is not None:
+            # rows are whole samples of one entry (packed THD rows are the same rows, concatenated)
+            rows = dataset.numel()
+            masked = per_token_loss.detach().reshape(rows, -1).float() * mask.view(rows, -1)
+            per_ds = torch.zeros(num_datasets, 2, dtype=torch.float64, device=mask.device)
+            idx = dataset.to(mask.device)
+            per_ds[:, 0].index_add_(0, idx, masked.sum(1).double())
+            per_ds[:, 1].index_add_(0, idx, mask.view(rows, -1).sum(1).double())
+            report["dataset loss"] = per_ds.flatten()
+        return loss_sum, num_tokens, report
 
     def _run_schedule(self, batches: list, forward_only: bool) -> list:
         if self.cfg.data.document_boundaries:
@@ -285,12 +303,18 @@ class Trainer:
 
     def train_step(self, batches: list) -> dict:
         """One optimizer step over these micro-batches. A step whose loss or gradients are not
-        finite (or whose loss spikes, with train.loss_spike_factor) updates nothing."""
+        finite (or whose loss spikes, with train.loss_spike_factor) updates nothing. On a log step
+        (fit sets `_log_step`) it also returns per-group gradient norms and per-dataset losses."""
+        t0 = time.perf_counter()
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        loss = self._mean_loss(self._run_schedule(batches, forward_only=False))
+        loss_dicts = self._run_schedule(batches, forward_only=False)
+        loss = self._mean_loss(loss_dicts)  # reads the loss back: the phase ends on the device too
+        t1 = time.perf_counter()
+        self.timer.add("forward_backward", t1 - t0)
+        step_metrics = self._log_step_metrics(loss_dicts) if self._log_step else {}
         bad = self._bad_step_reason(loss)
         if bad:
             update_ok, grad_norm = False, None
@@ -299,6 +323,7 @@ class Trainer:
             self.good_losses = (self.good_losses + [loss])[-20:]
         if update_ok:
             self.scheduler.step(increment=1)
+        self.timer.add("optimizer", time.perf_counter() - t1)
         return {
             "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -306,7 +331,29 @@ class Trainer:
             "skipped": bad,
             "lr": lr,
             "optim_metrics": dict(getattr(self.optimizer, "metrics", {})),  # MuonClip's QK-clip stats
+            "step_metrics": step_metrics,
         }
+
+    def _log_step_metrics(self, loss_dicts: list) -> dict:
+        """optim/grad_norm/{group} (reduced gradients, before clipping) and data/loss/{dataset}."""
+        out = {}
+        if not self.distributed_optimizer:  # its ranks hold only their shard of the reduced grads
+            out.update(grad_norms_by_group(self.model))
+        if len(self.dataset_names) > 1:
+            n = len(self.dataset_names)
+            per_ds = torch.zeros(n * 2, dtype=torch.float64, device=self.device)
+            for d in loss_dicts:
+                if "dataset loss" in d:
+                    per_ds += d["dataset loss"].to(per_ds)
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                dist.all_reduce(per_ds, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_reduce(per_ds, group=parallel_state.get_data_parallel_group())
+            per_ds = per_ds.view(n, 2).cpu()
+            for name, (total, count) in zip(self.dataset_names, per_ds.tolist()):
+                if count > 0:
+                    out[f"data/loss/{name}"] = total / count
+                    out[f"data/tokens/{name}"] = count
+        return out
 
     def _handoff_bytes(self) -> float:
         """Bytes the last step's stages handed on per micro-batch (one tensor-parallel rank's share:
@@ -407,17 +454,30 @@ class Trainer:
         history = {"loss": [], "val_loss": [], "skipped_steps": [], "first_step": first_step, "preempted": False}
         start = time.time()
         window_start, window_tokens = time.time(), 0
+        self.timer = StepTimer()
         bad_in_a_row = 0
+        monitor.start_progress(train.steps, first_step)
         with PreemptionSignal(self.device) as preemption:
             for self.step in range(first_step, train.steps + 1):
+                t_data = time.perf_counter()
                 batches = [next(train_iter) for _ in range(self.num_microbatches)]
+                self.timer.add("data_wait", time.perf_counter() - t_data)
                 logging_step = (
                     self.step % cfg.logging.log_interval == 0 or self.step == train.steps or self.step == first_step
                 )
-                if logging_step:  # sub-layer output RMS (+ AttnRes depth weights), this step only
+                if logging_step:  # sub-layer output RMS (+ AttnRes depth weights), MoE and KDA probes
                     start_depth_metrics(self.model)
-                out = self.train_step(batches)
-                depth_metrics = collect_depth_metrics(self.model) if logging_step else {}
+                    self.probes.start()
+                self._log_step = logging_step
+                try:
+                    out = self.train_step(batches)
+                finally:
+                    self._log_step = False
+                self.timer.steps += 1
+                depth_metrics = {}
+                if logging_step:
+                    depth_metrics = collect_depth_metrics(self.model)
+                    depth_metrics.update(self.probes.collect())
                 if logging_step and self.attnres_pipeline:
                     depth_metrics["attnres/pipeline_bytes_per_microbatch"] = self._handoff_bytes()
                 progress.step, progress.consumed_tokens = self.step, progress.consumed_tokens + self.tokens_per_step
@@ -441,18 +501,22 @@ class Trainer:
                         torch.cuda.synchronize()
                     elapsed = time.time() - window_start
                     tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+                    # model FLOPs per second per GPU, the number Megatron-LM logs as "TFLOP/s/GPU"
                     tflops = tokens_per_sec * self.flops_per_token / self.world_size / 1e12
                     mfu = tflops / self.peak_tflops if self.peak_tflops else None
                     eta = (time.time() - start) / (self.step - first_step + 1) * (train.steps - self.step)
                     lr = out["lr"]
+                    timing = self.timer.read()
                     metrics = {
                         "train/loss": out["loss"], "train/lr": lr, "train/grad_norm": out["grad_norm"],
                         "train/tokens": progress.consumed_tokens,
                         "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": tflops,
-                        "system/peak_memory_gb": self._memory_gb(),
+                        **timing,
+                        **rank_stats(timing["perf/step_time_s"], self.device),
                     }
                     if mfu is not None:
                         metrics["perf/mfu"] = mfu
+                    metrics.update(out["step_metrics"])
                     metrics.update(out["optim_metrics"])
                     metrics.update(depth_metrics)
                     monitor.log(self.step, metrics)
@@ -460,20 +524,38 @@ class Trainer:
                         f"step {self.step}/{train.steps} | loss {out['loss']:.4f} | lr {lr:.3e} | "
                         f"grad norm {out['grad_norm']:.3f} | {tokens_per_sec:,.0f} tokens/s | "
                         f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                        f"mem {self._memory_gb():.2f} GB | ETA {format_duration(eta)}"
+                        f"mem {self._memory_gb():.2f} GB | ETA {format_duration(eta)} "
+                        f"({100 * self.step / train.steps:.0f}% done)"
                     )
+                    monitor.step_done(f"loss {out['loss']:.4f}")
                     window_start, window_tokens = time.time(), 0
+                else:
+                    monitor.step_done()
                 if train.eval_interval and (self.step % train.eval_interval == 0 or self.step == train.steps):
+                    t_eval = time.time()
                     val = self.evaluate()
                     history["val_loss"].append((self.step, val))
                     monitor.log(self.step, {"train/val_loss": val})
-                    monitor.print(f"eval at step {self.step} | val loss {val:.4f}")
+                    monitor.print(
+                        f"eval at step {self.step} | val loss {val:.4f} | "
+                        f"{self.cfg.train.eval_batches} batches in {time.time() - t_eval:.1f}s"
+                    )
+                    # evaluation is not training time: keep it out of tokens/s and the step time
+                    window_start += time.time() - t_eval
+                    self.timer.window_start += time.time() - t_eval
                 preempted = preemption.requested()
                 if preempted or (
                     train.save_interval and (self.step % train.save_interval == 0 or self.step == train.steps)
                 ):
+                    t_save = time.time()
                     path = saver.save(self.model, self.optimizer, self.scheduler, self.data, progress, cfg.model)
-                    monitor.print(f"saving {path} in the background" if train.async_save else f"saved {path}")
+                    monitor.print(
+                        f"saving {path} in the background" if train.async_save
+                        else f"saved {path} (step {self.step}, {time.time() - t_save:.1f}s)"
+                    )
+                    # checkpoint time is not training time either
+                    window_start += time.time() - t_save
+                    self.timer.window_start += time.time() - t_save
                 published = saver.wait() if preempted else saver.poll()
                 if published:
                     monitor.print(f"saved {published}")
