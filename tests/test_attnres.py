@@ -256,6 +256,16 @@ def test_depth_parameters_go_to_adamw_without_weight_decay(seeded):
     assert all(decay_of[id(p)] == 0.0 for p in depth.values())
 
 
+def test_parameter_counts_include_depth_parameters_and_hf_export_refuses(seeded):
+    cfg = ModelConfig(**SMALL, residual="block_attnres", attnres_blocks=3)
+    assert sum(p.numel() for p in build_model(cfg).parameters()) == cfg.parameter_counts()["total"]
+    from deltatron.model.hf import to_hf_config
+
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="no Hugging Face equivalent"):
+        to_hf_config(cfg)
+
+
 def test_depth_metrics_are_softmax_means_and_output_rms(seeded):
     model = build_model(ModelConfig(**SMALL, residual="block_attnres", attnres_blocks=3))
     start_depth_metrics([model])

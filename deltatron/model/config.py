@@ -260,6 +260,11 @@ class ModelConfig:
             active += mixer + ffn_active + norms
         total += d  # final norm
         active += d
+        if self.residual != "standard":
+            # AttnRes: a pseudo-query and a key-norm weight per sub-layer and for the final aggregation
+            depth = 2 * d * (2 * self.num_layers + 1)
+            total += depth
+            active += depth
         emb = self.vocab_size * d * (2 if self.untie_embeddings else 1)
         return {
             "total": total + emb,
