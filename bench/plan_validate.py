@@ -195,7 +195,8 @@ def main() -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--steps", str(args.steps),
                "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
                "--a3b-layers", str(args.a3b_layers)] + (["--dry-run"] if args.dry_run else [])
-        env = dict(os.environ, PYTHONPATH=REPO, WANDB_MODE="disabled")
+        env = dict(os.environ, WANDB_MODE="disabled",
+                   PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)

@@ -29,7 +29,7 @@ _RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
 def subprocess_env(**extra: str) -> dict:
     """The environment for a trainer started as a subprocess: ours without our rendezvous."""
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
-    env["PYTHONPATH"] = REPO
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     env.update(extra)
     return env
 
