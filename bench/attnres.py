@@ -116,11 +116,11 @@ def op_case(tokens: int, hidden: int, completed_sources: int, sublayers: int, ep
     grad_out = [torch.randn(tokens, 1, hidden, generator=g, **bf16) for _ in range(sublayers)]
 
     def ours():
-        out, mx, sumexp, _ = attend_completed(completed, queries, eps)
+        out, lse, _ = attend_completed(completed, queries, eps)
         p, outs = partial, []
         for k in range(sublayers):
-            h, _ = merge_partial(out[..., k, :], mx[..., k], sumexp[..., k], p, queries[k], eps)
-            outs.append(h.to(torch.bfloat16))
+            h, _ = merge_partial(out[..., k, :], lse[..., k], p, queries[k], eps)
+            outs.append(h)
             p = p + updates[k]
         return outs
 
@@ -192,6 +192,13 @@ def main() -> None:
         return child(args, overrides)
     parts = set(args.parts.split(","))
     record = {"benchmark": "attnres", **environment(), "blocks": args.blocks}
+    out = args.out or os.path.join(REPO, "bench", "results", f"attnres_{device_tag(record['device'])}.json")
+
+    def save() -> None:  # after every part, so a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(record, f, indent=2)
+
     with tempfile.TemporaryDirectory() as tmp:
         if "step" in parts:
             for residual in ("standard", "block_attnres"):
@@ -205,6 +212,7 @@ def main() -> None:
             record["step_time_overhead"] = record["block_attnres_step_ms"] / record["standard_step_ms"] - 1
             if record["standard_peak_mem_gb"]:
                 record["peak_memory_overhead"] = record["block_attnres_peak_mem_gb"] / record["standard_peak_mem_gb"] - 1
+            save()
         if "loss" in parts:
             for residual in ("standard", "block_attnres"):
                 run = in_subprocess("loss", [*LOSS_MODEL, *COMMON, *residual_overrides(residual, 4), *overrides],
@@ -212,6 +220,7 @@ def main() -> None:
                 record[f"{residual}_losses"] = run["losses"]
                 record[f"{residual}_val_losses"] = run["val_losses"]
             record["loss_overrides"] = [*LOSS_MODEL, *COMMON, "model.attnres_blocks=4", *overrides]
+            save()
         if "op" in parts:  # last: fla autotunes its kernels on the first call
             try:
                 import fla  # noqa: F401
@@ -220,10 +229,7 @@ def main() -> None:
             else:
                 completed = args.blocks  # the embedding and the completed blocks before the last block
                 record["op"] = [op_case(8192, hidden, completed, 3) for hidden in (1024, 2304)]
-    out = args.out or os.path.join(REPO, "bench", "results", f"attnres_{device_tag(record['device'])}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
+    save()
     print(json.dumps({k: v for k, v in record.items() if "losses" not in k}, indent=2))
     print(f"wrote {out}")
 
