@@ -17,10 +17,11 @@ import struct
 import time
 
 import pytest
+import torch
 
 from conftest import REPO, train_in_process
 
-from deltatron.train.metrics import METRIC_NAMESPACES
+from deltatron.train.namespaces import METRIC_NAMESPACES
 
 STEPS = 4
 OVERRIDES = [
@@ -199,9 +200,9 @@ def test_logging_costs_under_two_percent_on_non_log_steps(run, tmp_path):
 
     Robust on a loaded machine: the two variants alternate step by step (ABBA order, so drift and
     position effects hit both), the comparison is the median of the paired differences over the
-    median step time, and a round that happens to be noisy is repeated (up to 3). Real overhead
-    shifts every round's median; noise does not pass all of them by chance. Log steps are not
-    measured: they read everything back by design.
+    median step time, and a round that happens to be noisy is repeated (up to 3, within about a
+    minute). Real overhead shifts every round's median; noise does not pass all of them by chance.
+    Log steps are not measured: they read everything back by design.
     """
     from deltatron.train.monitor import Monitor
 
@@ -231,19 +232,28 @@ def test_logging_costs_under_two_percent_on_non_log_steps(run, tmp_path):
             monitor.step_done()
         return time.perf_counter() - t
 
-    for _ in range(2):  # warm-up: first-call allocations
-        step(True)
-    overheads = []
-    for _ in range(3):
-        diffs, times = [], []
-        for i in range(8):
-            order = (True, False) if i % 2 == 0 else (False, True)
-            t = {variant: step(variant) for variant in order}
-            diffs.append(t[True] - t[False])
-            times.append(t[False])
-        overheads.append(statistics.median(diffs) / statistics.median(times))
-        if overheads[-1] < 0.02:
-            break
+    # One intra-op thread: on a shared 2-core machine two threads per step wait on each other
+    # whenever another process holds a core, which multiplies step-time noise; both variants run
+    # the same way, so the comparison stays fair.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(2):  # warm-up: first-call allocations
+            step(True)
+        overheads = []
+        deadline = time.monotonic() + 60  # more rounds only while the machine is fast enough
+        for _ in range(3):
+            diffs, times = [], []
+            for i in range(8):
+                order = (True, False) if i % 2 == 0 else (False, True)
+                t = {variant: step(variant) for variant in order}
+                diffs.append(t[True] - t[False])
+                times.append(t[False])
+            overheads.append(statistics.median(diffs) / statistics.median(times))
+            if overheads[-1] < 0.02 or time.monotonic() > deadline:
+                break
+    finally:
+        torch.set_num_threads(threads)
     monitor.close()
     print(f"logging overhead per non-log step, per round: {overheads}")
     assert min(overheads) < 0.02, f"logging overhead per non-log step: {overheads}"

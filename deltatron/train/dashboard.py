@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from deltatron.train.metrics import METRIC_NAMESPACES
+from deltatron.train.namespaces import METRIC_NAMESPACES
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ accumulate into device tensors; `ModelProbes.collect` reduces all of them in one
 one MAX all-reduce for the router bias range) on the log step. Host timers are `perf_counter`
 reads; the per-rank numbers are one all_gather of a few floats per log step.
 
-The metric names form one namespace, `METRIC_NAMESPACES`, documented in the README's
-"Observability" section; the dashboard (deltatron.train.dashboard) and the offline report
-(deltatron.train.report) are built from it.
+The metric names form one namespace, `METRIC_NAMESPACES` (deltatron.train.namespaces), documented
+in the README's "Observability" section; the dashboard (deltatron.train.dashboard) is built from
+it.
 """
 
 from __future__ import annotations
@@ -24,43 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
-# namespace -> (what it holds, metric names or patterns; {N} a Kimi layer number 1..num_layers,
-# {l} a sub-layer (two per Kimi layer), {j} a depth source, {g} a parameter group, {d} a blend
-# dataset). The README's table lists the same.
-METRIC_NAMESPACES: dict[str, tuple[str, list[str]]] = {
-    "train": (
-        "optimization progress",
-        ["train/loss", "train/val_loss", "train/lr", "train/grad_norm", "train/tokens", "train/skipped_steps"],
-    ),
-    "perf": (
-        "throughput and where the step time goes",
-        ["perf/tokens_per_sec", "perf/tflops_per_device", "perf/mfu", "perf/step_time_s",
-         "perf/forward_backward_s", "perf/optimizer_s", "perf/data_wait_s",
-         "perf/straggler_ratio", "perf/slowest_rank"],
-    ),
-    "moe": (
-        "per MoE layer routing health",
-        ["moe/layer{N}/load", "moe/layer{N}/max_load", "moe/layer{N}/min_load",
-         "moe/layer{N}/bias_range", "moe/layer{N}/topk_changed", "moe/max_load"],
-    ),
-    "kda": ("per KDA layer gate statistics", ["kda/layer{N}/decay", "kda/layer{N}/beta"]),
-    "optim": (
-        "gradient norms per parameter group and MuonClip's QK-clip",
-        ["optim/grad_norm/{g}", "optim/qk_max_logit/layer{N}", "optim/qk_clipped_heads/layer{N}"],
-    ),
-    "attnres": (
-        "AttnRes depth-attention weights",
-        ["attnres/weight/sub{l}/src{j}", "attnres/pipeline_bytes_per_microbatch"],
-    ),
-    # every model, AttnRes or not (deltatron.model.attnres.collect_depth_metrics names it)
-    "residual": ("sub-layer output RMS", ["residual/output_rms/sub{l}"]),
-    "data": ("the data mix", ["data/loss/{d}", "data/tokens/{d}"]),
-    "system": (
-        "memory per rank",
-        ["system/peak_memory_gb", "system/reserved_memory_gb", "system/max_peak_memory_gb",
-         "system/max_reserved_memory_gb", "system/max_memory_rank"],
-    ),
-}
+from deltatron.train.namespaces import METRIC_NAMESPACES  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------------- model probes
