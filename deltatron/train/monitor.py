@@ -46,16 +46,21 @@ def wandb_run_id(run_dir: str) -> str:
 
 
 def git_commit(repo_dir: str) -> Optional[str]:
-    """The checkout's commit (with "-dirty" if it has uncommitted changes), or None outside git."""
+    """The checkout's commit (with "-dirty" if tracked files have uncommitted changes), or None
+    outside git. Generous timeouts: on a loaded machine `git status` can take seconds."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
+    if head.returncode != 0:
+        return None
+    commit = head.stdout.strip()
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return commit + "-unknown-state"  # the commit is still worth recording
+    return commit + ("-dirty" if status.stdout.strip() else "")
 
 
 def run_info() -> dict:
