@@ -28,12 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, sync  # noqa: E402
+from common import REPO, compose, device_tag, environment, sync, timed_steps  # noqa: E402
 
 STEP_MODEL = ["model=proxy", "data.seq_length=4096", "train.micro_batch_size=1", "train.global_batch_size=2"]
 LOSS_MODEL = ["model=tiny"]
@@ -52,17 +51,10 @@ def step_run(overrides: list[str], steps: int, warmup: int) -> dict:
 
     cfg, resolved = compose([*overrides, f"train.steps={steps}"])
     trainer = Trainer(cfg, resolved)
-    it = trainer.data.train_batches()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    losses, step_seconds = [], []
-    for _ in range(steps):
-        batches = [next(it) for _ in range(trainer.num_microbatches)]
-        sync()
-        start = time.perf_counter()
-        losses.append(trainer.train_step(batches)["loss"])
-        sync()
-        step_seconds.append(time.perf_counter() - start)
+    outs, step_seconds = timed_steps(trainer, steps)
+    losses = [o["loss"] for o in outs]
     return {
         "step_ms": 1e3 * statistics.median(step_seconds[warmup:]),
         "step_seconds": step_seconds,

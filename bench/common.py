@@ -64,3 +64,20 @@ def environment() -> dict:
         "versions": versions,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def timed_steps(trainer, steps: int) -> tuple[list[dict], list[float]]:
+    """Train `steps` optimizer steps on the trainer's own batches; each step's train_step output
+    and its CUDA-synchronised wall time in seconds."""
+    import time
+
+    it = trainer.data.train_batches()
+    outs, seconds = [], []
+    for _ in range(steps):
+        batches = [next(it) for _ in range(trainer.num_microbatches)]
+        sync()
+        start = time.perf_counter()
+        outs.append(trainer.train_step(batches))
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return outs, seconds

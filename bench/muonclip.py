@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, sync  # noqa: E402
+from common import REPO, compose, device_tag, environment, sync, timed_steps  # noqa: E402
 
 
 def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -44,17 +44,10 @@ def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
         return out
 
     trainer.optimizer.step = timed_step
-    it = trainer.data.train_batches()
-    iteration_ms, losses, metrics = [], [], {}
-    for _ in range(steps):
-        batches = [next(it) for _ in range(trainer.num_microbatches)]
-        sync()
-        start = time.perf_counter()
-        out = trainer.train_step(batches)
-        sync()
-        iteration_ms.append(1e3 * (time.perf_counter() - start))
-        losses.append(out["loss"])
-        metrics = out.get("optim_metrics", {})
+    outs, seconds = timed_steps(trainer, steps)
+    iteration_ms = [1e3 * t for t in seconds]
+    losses = [o["loss"] for o in outs]
+    metrics = outs[-1].get("optim_metrics", {})
     timed = slice(warmup, None)
     return {
         "step_ms": statistics.mean(step_ms[timed]),

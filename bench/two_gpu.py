@@ -31,12 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, sync  # noqa: E402
+from common import REPO, compose, device_tag, environment, timed_steps  # noqa: E402
 
 LOSS_RTOL = {"bf16": 1e-2, "fp32": 1e-4}  # precision of the run (train.precision=fp32 on GPUs too)
 
@@ -87,17 +86,9 @@ def run_job(name: str, overrides: list[str], init_ckpt: str, steps: int, warmup:
     load_model(trainer.model, init_ckpt)
     if hasattr(trainer.optimizer, "reload_model_params"):  # fp32 master copies of bf16 weights
         trainer.optimizer.reload_model_params()
-    it = trainer.data.train_batches()
-    losses, grad_norms, step_seconds = [], [], []
-    for _ in range(steps):
-        batches = [next(it) for _ in range(trainer.num_microbatches)]
-        sync()
-        start = time.perf_counter()
-        out = trainer.train_step(batches)
-        sync()
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(out["loss"])
-        grad_norms.append(out["grad_norm"])
+    outs, step_seconds = timed_steps(trainer, steps)
+    losses = [o["loss"] for o in outs]
+    grad_norms = [o["grad_norm"] for o in outs]
     timed = statistics.median(step_seconds[warmup:])
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     peaks = [None] * torch.distributed.get_world_size()
