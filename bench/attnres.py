@@ -32,7 +32,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, sync, timed_steps  # noqa: E402
+from common import REPO, compose, device_tag, environment, fit_losses, sync, timed_steps  # noqa: E402
 
 STEP_MODEL = ["model=proxy", "data.seq_length=4096", "train.micro_batch_size=1", "train.global_batch_size=2"]
 LOSS_MODEL = ["model=tiny"]
@@ -142,19 +142,10 @@ def op_case(tokens: int, hidden: int, completed_sources: int, sublayers: int, ep
     return result
 
 
-# --------------------------------------------------------------------------------- 3. loss
-def loss_run(overrides: list[str], steps: int) -> dict:
-    from deltatron.train.trainer import Trainer
-
-    cfg, resolved = compose([*overrides, f"train.steps={steps}", f"train.eval_interval={steps // 3}"])
-    history = Trainer(cfg, resolved).fit()
-    return {"losses": history["loss"], "val_losses": history["val_loss"]}
-
-
 # --------------------------------------------------------------------------------- driver
 def child(args, overrides: list[str]) -> None:
     part = {"step": lambda: step_run(overrides, args.steps, args.warmup),
-            "loss": lambda: loss_run(overrides, args.loss_steps)}[args.child]()
+            "loss": lambda: fit_losses(overrides, args.loss_steps)}[args.child]()
     with open(args.out_part, "w") as f:
         json.dump(part, f)
 

@@ -81,3 +81,13 @@ def timed_steps(trainer, steps: int) -> tuple[list[dict], list[float]]:
         sync()
         seconds.append(time.perf_counter() - start)
     return outs, seconds
+
+
+def fit_losses(overrides: list[str], steps: int) -> dict:
+    """Train `steps` steps with Trainer.fit (validation at a third, two thirds and the end); the
+    train and validation loss histories."""
+    from deltatron.train.trainer import Trainer
+
+    cfg, resolved = compose([*overrides, f"train.steps={steps}", f"train.eval_interval={max(steps // 3, 1)}"])
+    history = Trainer(cfg, resolved).fit()
+    return {"losses": history["loss"], "val_losses": history["val_loss"]}

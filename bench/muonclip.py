@@ -1,12 +1,17 @@
 """MuonClip vs AdamW: optimizer step time, its share of the iteration, and the loss after N steps.
 
-    python bench/muonclip.py [--steps N] [--warmup W] [--nproc GPUS] [hydra overrides ...]
+    python bench/muonclip.py [--steps N] [--warmup W] [--nproc GPUS] [--parts step,loss]
+                             [--loss-steps L] [hydra overrides ...]
 
-Trains the same model (default: the proxy preset, bf16 on GPU) for N steps with each optimizer on
-the same data, timing every optimizer.step() and every whole iteration (CUDA-synchronised), and
-writes bench/results/muonclip_<device>.json with "iteration_ms", "muonclip_step_ms",
-"adamw_step_ms", "adamw_iteration_ms" (means over the steps after the first W) and both losses.
-Each optimizer runs in its own process (under torchrun with --nproc N > 1).
+Two parts, each optimizer's run in its own process (under torchrun with --nproc N > 1):
+1. step: the same model (default: the proxy preset, bf16 on GPU) for N steps with each optimizer on
+   the same data, timing every optimizer.step() and every whole iteration (CUDA-synchronised);
+   "iteration_ms", "muonclip_step_ms", "adamw_step_ms", "adamw_iteration_ms" are means over the
+   steps after the first W, with the losses of those steps.
+2. loss: the `tiny` preset on the bundled corpus, L steps with each optimizer (same seed, same
+   tokens, each optimizer's default lr and schedule); "muonclip_losses"/"adamw_losses" and the
+   validation losses of both. Hydra overrides apply to the step part only.
+Writes bench/results/muonclip_<device>.json after each part.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, sync, timed_steps  # noqa: E402
+from common import REPO, compose, device_tag, environment, fit_losses, sync, timed_steps  # noqa: E402
 
 
 def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -57,13 +62,18 @@ def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
     }
 
 
+LOSS_MODEL = ["model=tiny", "logging.wandb=false", "train.save_interval=0"]
+
+
 def _child(args, overrides: list[str]) -> None:
     """One optimizer's run in this process (under torchrun for several GPUs)."""
-    result = run(args.only, overrides, args.steps, args.warmup)
+    if args.part_kind == "loss":
+        result = fit_losses([f"optim={args.only}", *LOSS_MODEL, *overrides], args.loss_steps)
+    else:
+        result = run(args.only, overrides, args.steps, args.warmup)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        result["environment"] = environment()
         result["world_size"] = dist.get_world_size()
         with open(args.part, "w") as f:
             json.dump(result, f)
@@ -74,8 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes, via torchrun)")
+    parser.add_argument("--parts", default="step,loss", help="which of step, loss to run")
+    parser.add_argument("--loss-steps", type=int, default=400)
     parser.add_argument("--out", default=None, help="default: bench/results/muonclip_<device>.json")
     parser.add_argument("--only", choices=("adamw", "muonclip"), help=argparse.SUPPRESS)
+    parser.add_argument("--part-kind", choices=("step", "loss"), default="step", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.steps <= args.warmup:
@@ -85,46 +98,67 @@ def main() -> None:
     defaults = ["logging.wandb=false", "train.eval_interval=0"]
     if not any(o.startswith("model=") for o in overrides):
         defaults.insert(0, "model=proxy")
-    overrides = [*defaults, *overrides]
-    # One process (group) per optimizer: a Trainer's GPU memory is not returned within a process.
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("adamw", "muonclip"):
-            part = os.path.join(tmp, f"{name}.json")
-            launcher = [sys.executable]
-            if args.nproc > 1:
-                launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
-            cmd = [*launcher, os.path.abspath(__file__), "--only", name, "--part", part,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
-            subprocess.run(cmd, check=True)
-            with open(part) as f:
-                results[name] = json.load(f)
-    m, a = results["muonclip"], results["adamw"]
-    record = {
-        "benchmark": "muonclip", **m["environment"],
-        "world_size": m["world_size"],
-        "overrides": overrides,
-        "steps": args.steps,
-        "timed_steps": args.steps - args.warmup,
-        "iteration_ms": m["iteration_ms"],
-        "muonclip_step_ms": m["step_ms"],
-        "muonclip_step_share": m["step_ms"] / m["iteration_ms"],
-        "adamw_iteration_ms": a["iteration_ms"],
-        "adamw_step_ms": a["step_ms"],
-        "adamw_step_share": a["step_ms"] / a["iteration_ms"],
-        "muonclip_overhead_vs_adamw": (m["iteration_ms"] - a["iteration_ms"]) / a["iteration_ms"],
-        "muonclip_loss": m["losses"][-1],
-        "adamw_loss": a["losses"][-1],
-        "muonclip_losses": m["losses"],
-        "adamw_losses": a["losses"],
-        "muonclip_last_qk_clip": m["last_qk_clip"],
-    }
+    step_overrides = [*defaults, *overrides]
+    parts = args.parts.split(",")
+    record = {"benchmark": "muonclip", **environment()}
     out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device_tag(record['device'])}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(json.dumps({k: v for k, v in record.items() if not k.endswith("losses")}, indent=2))
 
+    def save() -> None:  # after every part, so a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(record, f, indent=2)
+
+    # One process (group) per optimizer: a Trainer's GPU memory is not returned within a process.
+    def both(kind: str, extra: list[str]) -> tuple[dict, dict]:
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("adamw", "muonclip"):
+                part = os.path.join(tmp, f"{name}.json")
+                launcher = [sys.executable]
+                if args.nproc > 1:
+                    launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+                cmd = [*launcher, os.path.abspath(__file__), "--only", name, "--part", part,
+                       "--part-kind", kind, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--loss-steps", str(args.loss_steps), *extra, f"train.run_dir={tmp}/run-{name}"]
+                subprocess.run(cmd, check=True, cwd=REPO)
+                with open(part) as f:
+                    results[name] = json.load(f)
+        return results["muonclip"], results["adamw"]
+
+    if "step" in parts:
+        m, a = both("step", step_overrides)
+        record.update({
+            "world_size": m["world_size"],
+            "overrides": step_overrides,
+            "steps": args.steps,
+            "timed_steps": args.steps - args.warmup,
+            "iteration_ms": m["iteration_ms"],
+            "muonclip_step_ms": m["step_ms"],
+            "muonclip_step_share": m["step_ms"] / m["iteration_ms"],
+            "adamw_iteration_ms": a["iteration_ms"],
+            "adamw_step_ms": a["step_ms"],
+            "adamw_step_share": a["step_ms"] / a["iteration_ms"],
+            "muonclip_overhead_vs_adamw": (m["iteration_ms"] - a["iteration_ms"]) / a["iteration_ms"],
+            "muonclip_step_losses": m["losses"],
+            "adamw_step_losses": a["losses"],
+            "muonclip_last_qk_clip": m["last_qk_clip"],
+        })
+        save()
+    if "loss" in parts:
+        m, a = both("loss", [])
+        record.update({
+            "loss_overrides": LOSS_MODEL,
+            "loss_steps": args.loss_steps,
+            "muonclip_loss": m["losses"][-1],
+            "adamw_loss": a["losses"][-1],
+            "muonclip_losses": m["losses"],
+            "adamw_losses": a["losses"],
+            "muonclip_val_losses": m["val_losses"],
+            "adamw_val_losses": a["val_losses"],
+        })
+        save()
+    print(json.dumps({k: v for k, v in record.items() if "losses" not in k}, indent=2))
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()
