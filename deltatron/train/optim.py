@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from deltatron.train.config import OptimConfig
@@ -37,7 +38,40 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: 
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed,
     )
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer):
+            align_state_index(inner)
+    return optimizer
+
+
+def align_state_index(optimizer: DistributedOptimizer) -> None:
+    """Point the distributed optimizer's (group, position) index of each model parameter at that
+    parameter's main shard in the inner optimizer's param_groups.
+
+    megatron-core 0.19.2 numbers a group's parameters in grad-buffer order (the bf16 buffer, then
+    the fp32 one) but fills the group as [fp32 shards, then fp32 copies of the bf16 shards]. The
+    two orders agree only when a group holds one dtype, as in Megatron-LM where every parameter is
+    bf16. Ours keeps KDA's A_log, dt_bias and output-norm weight in fp32, so the checkpoint path
+    (which reads optimizer state through the index) fetched another parameter's state: saving
+    failed on a size mismatch, and loading would have put state on the wrong parameters. The
+    optimizer step itself does not use the index and was right.
+    """
+    index = {}
+    for group, (fp32_params, float16_params) in enumerate(
+        zip(optimizer.model_fp32_groups, optimizer.model_float16_groups)
+    ):
+        main_params = optimizer.optimizer.param_groups[group]["params"]
+        for position, param in enumerate([*fp32_params, *float16_params]):
+            shard = optimizer._get_model_param_range_map(param)["param"]
+            if main_params[position].numel() != shard.size:
+                raise RuntimeError(
+                    f"distributed optimizer: group {group} position {position} holds "
+                    f"{main_params[position].numel()} values, the parameter's shard {shard.size}; "
+                    "megatron-core's param-group layout changed, update align_state_index"
+                )
+            index[param] = (group, position)
+    optimizer.model_param_group_index_map = index
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> OptimizerParamScheduler:

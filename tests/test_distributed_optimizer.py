@@ -1,0 +1,84 @@
+"""deltatron.train.optim.align_state_index: megatron-core's distributed optimizer finds each
+parameter's optimizer state (which checkpoints read and write) through the right index when a
+param group mixes bf16 and fp32 parameters, as ours do.
+
+megatron-core refuses to build a DistributedOptimizer on CPU tensors, so the optimizer here is
+assembled from the pieces its constructor would make (grad-buffer ranges, dtype groups, the inner
+optimizer's param groups in megatron-core's order), and megatron-core's own index builder and
+state accessor run on them. The GPU path end to end is tests/test_resume_gpu.py.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
+
+from deltatron.train.optim import align_state_index
+
+
+def _distributed_optimizer():
+    """Two param groups: group 0 holds bf16 `a` (6), bf16 `b` (4) and fp32 `c` (3, like KDA's
+    A_log); group 1 holds bf16 `d` (5). One DP rank, so each shard is the whole parameter."""
+    a, b, d = (torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in (6, 4, 5))
+    c = torch.nn.Parameter(torch.zeros(3))
+
+    def ranges(params):
+        out, start = {}, 0
+        for p in params:
+            n = p.numel()
+            out[p] = {"gbuf_world": Range(start, start + n), "gbuf_world_in_bucket": Range(start, start + n),
+                      "gbuf_local": Range(start, start + n), "param": Range(0, n)}
+            start += n
+        return out
+
+    # DDP keeps one grad buffer per parameter dtype: the bf16 buffer first, then the fp32 one.
+    gbuf_ranges = [{torch.bfloat16: [{"param_map": ranges([a, b, d])}]},
+                   {torch.float32: [{"param_map": ranges([c])}]}]
+    opt = object.__new__(DistributedOptimizer)
+    opt.config = types.SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
+    opt.gbuf_ranges = gbuf_ranges
+    opt.model_param_gbuf_map = {a: (0, torch.bfloat16, 0), b: (0, torch.bfloat16, 0),
+                                d: (0, torch.bfloat16, 0), c: (1, torch.float32, 0)}
+    opt.model_param_group_index_map, _ = DistributedOptimizer._build_optimizer_group_ranges(
+        [{"params": [a, b, c]}, {"params": [d]}], gbuf_ranges)
+    opt.model_float16_groups = [[a, b], [d]]
+    opt.model_fp32_groups = [[c], []]
+    # The inner optimizer's groups as megatron-core fills them: fp32 shards, then the fp32 main
+    # copies of the bf16 shards. Each main parameter's state is tagged with its model parameter.
+    tags = {a: 1.0, b: 2.0, c: 3.0, d: 4.0}
+    main = {p: torch.zeros(p.numel()) for p in tags}
+    inner = torch.optim.SGD([{"params": [main[c], main[a], main[b]]}, {"params": [main[d]]}], lr=0.1)
+    for p, tag in tags.items():
+        inner.state[main[p]] = {"exp_avg": torch.full((p.numel(),), tag)}
+    opt.optimizer = inner
+    return opt, tags
+
+
+def test_megatron_core_index_misses_the_state_of_mixed_dtype_groups():
+    """The defect the fix is for: without it, a bf16 parameter reads another parameter's state.
+    If megatron-core fixes its index, this fails and align_state_index can be deleted."""
+    opt, tags = _distributed_optimizer()
+    wrong = [p for p, tag in tags.items()
+             if not torch.equal(opt._get_main_param_and_optimizer_states(p)["exp_avg"],
+                                torch.full((p.numel(),), tag))]
+    assert wrong, "megatron-core's index is right now: delete align_state_index"
+
+
+def test_aligned_index_gives_every_parameter_its_own_state():
+    opt, tags = _distributed_optimizer()
+    align_state_index(opt)
+    for p, tag in tags.items():
+        state = opt._get_main_param_and_optimizer_states(p)
+        assert state["param"].numel() == p.numel()
+        assert torch.equal(state["exp_avg"], torch.full((p.numel(),), tag))
+
+
+def test_align_refuses_a_layout_it_does_not_know():
+    opt, _ = _distributed_optimizer()
+    groups = opt.optimizer.param_groups
+    groups[0]["params"] = groups[0]["params"][::-1]  # not megatron-core's fp32-first order
+    with pytest.raises(RuntimeError, match="param-group layout changed"):
+        align_state_index(opt)
