@@ -62,7 +62,7 @@ def build_model(
     tc = cfg.to_transformer_config(**overrides)
     pattern = layer_pattern or cfg.layer_pattern()
     spec = kimi_linear_stack_spec(
-        tc.transformer_impl, num_experts=cfg.num_experts, grouped_gemm=bool(tc.moe_grouped_gemm),
+        tc.transformer_impl, num_experts=cfg.num_experts, grouped_gemm=cfg.moe_grouped_gemm,
         kv_norm_eps=cfg.mla_kv_norm_eps, residual=cfg.residual,
         # one symbol per sub-layer, '|' between pipeline stages
         stage_sublayers=tuple(len(seg) for seg in pattern.split("|")),

@@ -6,7 +6,7 @@ structure from either, so the TE and local paths differ only in which classes th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from deltatron.model.grouped_experts import GroupedGemmExperts
 from deltatron.model.kda import KDASubmodules, KimiDeltaAttention
 from deltatron.model.mla import KimiMLASelfAttention, SDPACoreAttention
 from deltatron.model.norm import RMSNorm
@@ -107,6 +108,19 @@ def get_bias_dropout(training: bool, fused: bool):
     return bias_dropout
 
 
+def moe_module_spec(use_te: bool, num_experts: int, grouped_gemm: bool):
+    """megatron-core's MoE layer builder. With TE, its own experts (TEGroupedMLP when
+    grouped_gemm); with local modules, our `GroupedGemmExperts` (the same parameters as
+    megatron-core's local SequentialMLP, computed with torch._grouped_mm) when grouped_gemm,
+    else SequentialMLP."""
+    builder = get_moe_module_spec(use_te=use_te, num_experts=max(num_experts, 1), moe_grouped_gemm=grouped_gemm)
+    if use_te or not grouped_gemm:
+        return builder
+    sequential = builder.keywords["submodules"].experts  # partial(SequentialMLP, submodules=...)
+    experts = partial(GroupedGemmExperts, *sequential.args, **sequential.keywords)
+    return partial(builder.func, submodules=replace(builder.keywords["submodules"], experts=experts))
+
+
 def kimi_linear_stack_spec(
     transformer_impl: str, num_experts: int, grouped_gemm: bool, kv_norm_eps: float,
     residual: str = "standard", stage_sublayers: tuple[int, ...] | None = None,
@@ -183,9 +197,7 @@ def kimi_linear_stack_spec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=b.norm,
-            mlp=get_moe_module_spec(
-                use_te=b.use_te, num_experts=max(num_experts, 1), moe_grouped_gemm=grouped_gemm
-            ),
+            mlp=moe_module_spec(b.use_te, num_experts, grouped_gemm),
             mlp_bda=bda,
         ),
     )

@@ -1,0 +1,111 @@
+"""Routed experts as two grouped GEMMs (torch._grouped_mm) instead of a Python loop over experts.
+
+megatron-core 0.19.2 has a grouped-GEMM expert module only through Transformer Engine
+(`TEGroupedMLP`); its local spec runs `SequentialMLP`, one MLP call per expert: for 32 experts
+that is ~200 kernel launches per layer and pass, each GEMM a few microseconds of work, plus a
+`tolist()` of the token counts. `GroupedGemmExperts` keeps `SequentialMLP`'s parameters
+(`local_experts.{i}.linear_fc1/linear_fc2`, so state dicts, dist-checkpointing keys, expert
+parallel sharding, the optimizer's parameter groups and Hugging Face name mapping are unchanged)
+and only replaces the computation:
+
+    x [N, d] (tokens sorted by expert)  ->  fc1: grouped_mm(x, W1^T [E, d, 2f])  -> [N, 2f]
+    -> SwiGLU, times the routing prob (as megatron-core's MLP: in the prob's dtype, cast back)
+    -> fc2: grouped_mm(h, W2^T [E, f, d]) -> [N, d]
+
+The weights are stacked each call ([E, 2f, d] and [E, d, f]: one copy of the experts' weights,
+memory-bound and small next to the GEMMs); autograd splits the stacked gradient back onto each
+expert's parameter, so megatron-core's DDP gradient hooks see ordinary per-parameter gradients.
+
+Each expert's group is padded to `ALIGN_TOKENS` rows (zeros, dropped again afterwards) so every
+group starts 16-byte aligned for the CUDA grouped-GEMM kernel, with device-side index arithmetic
+only: no host synchronisation in the experts. torch._grouped_mm also runs on CPU (a reference
+loop inside PyTorch), so the CPU tests exercise this exact code.
+
+Configurations this path does not cover (expert tensor parallelism > 1, biases, FP8/FP4, gates
+other than SwiGLU, probs applied on the input) fall back to `SequentialMLP.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+# Rows per expert group are rounded up to this many: 8 bf16 rows = 16 bytes of leading dimension
+# for the grouped kernel's operands; 16 also keeps fp8-style alignment for later use.
+ALIGN_TOKENS = 16
+
+
+def padded_positions(tokens_per_expert: torch.Tensor, num_tokens: int, align: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each expert-sorted token goes when every expert's group is padded to `align` rows.
+
+    tokens_per_expert: [E] int (any device); num_tokens: N = its sum (known on the host: the
+    dispatcher's output size). Returns (rows [N] int64: padded row of each token, offs [E] int32:
+    cumulative end of every padded group, padded_total: an upper bound N + E*(align-1) that needs
+    no device read).
+    """
+    counts = tokens_per_expert.to(torch.int64)
+    padded = (counts + align - 1) // align * align
+    padded_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(counts, 0) - counts  # first sorted index of every expert
+    padded_start = padded_end - padded
+    expert_of_token = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=num_tokens
+    )
+    idx = torch.arange(num_tokens, device=counts.device)
+    rows = idx - start[expert_of_token] + padded_start[expert_of_token]
+    padded_total = num_tokens + counts.numel() * (align - 1)
+    return rows, padded_end.to(torch.int32), padded_total
+
+
+def grouped_swiglu(
+    x: torch.Tensor, probs: torch.Tensor, offs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Grouped SwiGLU experts on expert-sorted rows.
+
+    x: [M, d] rows grouped by expert (group i ends at offs[i]; rows past offs[-1] are ignored and
+    their output rows are unspecified); probs: [M] routing weights; w1: [E, 2f, d] (gate then up, megatron-core's
+    GLU order); w2: [E, d, f]. Returns [M, d] in x's dtype.
+    """
+    h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)  # [M, 2f]
+    gate, up = torch.chunk(h, 2, dim=-1)
+    h = F.silu(gate) * up
+    h = (h * probs.unsqueeze(-1)).to(x.dtype)  # megatron-core's MLP: scale in the probs' dtype
+    return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [M, d]
+
+
+class GroupedGemmExperts(SequentialMLP):
+    """`SequentialMLP` with the same parameters, computed as two grouped GEMMs (module docstring).
+
+    forward(permuted tokens [N, d], tokens_per_expert [E_local], permuted_probs [N]) ->
+    (output [N, d], None), the interface megatron-core's MoELayer calls its experts with.
+    """
+
+    def _grouped_supported(self) -> bool:
+        cfg = self.config
+        return (
+            self.num_local_experts > 1
+            and self.tp_group.size() == 1
+            and cfg.gated_linear_unit
+            and cfg.activation_func is F.silu
+            and not cfg.add_bias_linear
+            and not (cfg.fp8 or cfg.fp4)
+            and not cfg.moe_apply_probs_on_input
+            and getattr(cfg, "activation_func_clamp_value", None) is None
+            and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
+        )
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        if not self._grouped_supported():
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        x = permuted_local_hidden_states
+        num_tokens = x.shape[0]
+        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2f, d]
+        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, d, f]
+        tokens_per_expert = torch.as_tensor(tokens_per_expert).to(x.device, non_blocking=True)
+        rows, offs, padded_total = padded_positions(tokens_per_expert, num_tokens, ALIGN_TOKENS)
+        x_padded = x.new_zeros(padded_total, x.shape[1]).index_copy(0, rows, x)
+        probs_padded = permuted_probs.new_zeros(padded_total).index_copy(0, rows, permuted_probs)
+        out = grouped_swiglu(x_padded, probs_padded, offs, w1, w2)
+        return out.index_select(0, rows), None
