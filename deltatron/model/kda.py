@@ -215,8 +215,11 @@ class KimiDeltaAttention(MegatronModule):
         k = F.silu(causal_short_conv(k, self.k_conv, doc_pos))
         v = F.silu(causal_short_conv(v, self.v_conv, doc_pos))
         heads = (batch, seq_len, self.local_heads, -1)
-        q = l2_normalize(q.view(heads))
-        k = l2_normalize(k.view(heads))
+        # Back to the activations' dtype after the fp32 normalisation (as fla's l2norm): with
+        # fp32 q, k next to a bf16 v the Triton kernel sees mixed inputs and runs 3xTF32
+        # products instead of TF32 (triton_common.dot_precision), and reads twice the bytes.
+        q = l2_normalize(q.view(heads)).to(x.dtype)
+        k = l2_normalize(k.view(heads)).to(x.dtype)
         v = v.view(heads)
 
         f, _ = self.linear_f_a(x)
