@@ -26,6 +26,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
+from deltatron.model.attention_kernels import causal_attention, varlen_causal_attention
+
 # Query rows per block when computing max logits without materialising the full [T, T] scores.
 _MAX_LOGIT_BLOCK = 1024
 
@@ -172,14 +174,22 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention does not take an attention bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            return self._forward_packed(query, key, value, packed_seq_params.cu_seqlens_q)
+            return self._forward_packed(
+                query, key, value, packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
+            )
         # [S, B, N, D] -> [B, N, S, D]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = self._attend(q, k, v)  # [B, N, S, Dv]
         s, b = query.shape[:2]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _forward_packed(self, query, key, value, cu_seqlens):
+    def _forward_packed(self, query, key, value, cu_seqlens, max_seqlen=None):
+        # One variable-length flash kernel for all documents where it applies (attention_kernels);
+        # max-logit tracking needs each document's scores, so it keeps the loop below.
+        if not (self.track_max_logits and self.training):
+            out = varlen_causal_attention(query, key, value, cu_seqlens, max_seqlen, self.softmax_scale)
+            if out is not None:
+                return out.reshape(out.shape[0], -1)
         # Documents are contiguous in THD; attend within each one.
         bounds = cu_seqlens.tolist()
         outs = []
@@ -202,4 +212,4 @@ class SDPACoreAttention(MegatronModule):
                 if self.current_max_attn_logits is None
                 else torch.maximum(self.current_max_attn_logits, step_max)
             )
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return causal_attention(q, k, v, self.softmax_scale)
