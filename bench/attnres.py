@@ -32,7 +32,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, fit_losses, sync, timed_steps  # noqa: E402
+from common import REPO, ResultsFile, compose, device_tag, environment, fit_losses, sync, timed_steps  # noqa: E402
 
 STEP_MODEL = ["model=proxy", "data.seq_length=4096", "train.micro_batch_size=1", "train.global_batch_size=2"]
 LOSS_MODEL = ["model=tiny"]
@@ -168,19 +168,17 @@ def main() -> None:
     parser.add_argument("--loss-steps", type=int, default=300)
     parser.add_argument("--parts", default="step,op,loss", help="which of step, op, loss to run")
     parser.add_argument("--out", default=None, help="default: bench/results/attnres_<device>.json")
+    parser.add_argument("--update", action="store_true", help="keep the parts already in --out that this run does not measure")
     parser.add_argument("--child", choices=("step", "loss"), help=argparse.SUPPRESS)
     parser.add_argument("--out-part", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.child:
         return child(args, overrides)
     parts = set(args.parts.split(","))
-    record = {"benchmark": "attnres", **environment(), "blocks": args.blocks}
-    out = args.out or os.path.join(REPO, "bench", "results", f"attnres_{device_tag(record['device'])}.json")
-
-    def save() -> None:  # after every part, so a run cut short keeps what it measured
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(record, f, indent=2)
+    env = environment()
+    out = args.out or os.path.join(REPO, "bench", "results", f"attnres_{device_tag(env['device'])}.json")
+    results = ResultsFile(out, {"benchmark": "attnres", **env, "blocks": args.blocks}, args.update)
+    record = results.record
 
     with tempfile.TemporaryDirectory() as tmp:
         if "step" in parts:
@@ -195,7 +193,7 @@ def main() -> None:
             record["step_time_overhead"] = record["block_attnres_step_ms"] / record["standard_step_ms"] - 1
             if record["standard_peak_mem_gb"]:
                 record["peak_memory_overhead"] = record["block_attnres_peak_mem_gb"] / record["standard_peak_mem_gb"] - 1
-            save()
+            results.save("step")
         if "loss" in parts:
             for residual in ("standard", "block_attnres"):
                 run = in_subprocess("loss", [*LOSS_MODEL, *COMMON, *residual_overrides(residual, 4), *overrides],
@@ -203,7 +201,7 @@ def main() -> None:
                 record[f"{residual}_losses"] = run["losses"]
                 record[f"{residual}_val_losses"] = run["val_losses"]
             record["loss_overrides"] = [*LOSS_MODEL, *COMMON, "model.attnres_blocks=4", *overrides]
-            save()
+            results.save("loss")
         if "op" in parts:  # last: fla autotunes its kernels on the first call
             try:
                 import fla  # noqa: F401
@@ -212,7 +210,7 @@ def main() -> None:
             else:
                 completed = args.blocks  # the embedding and the completed blocks before the last block
                 record["op"] = [op_case(8192, hidden, completed, 3) for hidden in (1024, 2304)]
-    save()
+            results.save("op")
     print(json.dumps({k: v for k, v in record.items() if "losses" not in k}, indent=2))
     print(f"wrote {out}")
 

@@ -66,6 +66,33 @@ def environment() -> dict:
     }
 
 
+class ResultsFile:
+    """A benchmark's results JSON, rewritten after every part so that a run cut short keeps what it
+    measured. With `update`, the parts an earlier run wrote to the file stay unless measured
+    again; each part carries the date it was measured ("<part>_date")."""
+
+    def __init__(self, path: str, record: dict, update: bool = False):
+        import json
+
+        self.path = path
+        self.record = record
+        if update and os.path.exists(path):
+            with open(path) as f:
+                earlier = json.load(f)
+            if earlier.get("device") != record.get("device"):
+                raise SystemExit(f"--update: {path} holds results measured on {earlier.get('device')}, "
+                                 f"this run is on {record.get('device')}; write to another --out")
+            self.record = {**earlier, **record}
+
+    def save(self, part: str) -> None:
+        import json
+
+        self.record[f"{part}_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(self.record, f, indent=2)
+
+
 def timed_steps(trainer, steps: int) -> tuple[list[dict], list[float]]:
     """Train `steps` optimizer steps on the trainer's own batches; each step's train_step output
     and its CUDA-synchronised wall time in seconds."""

@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_tag, environment, fit_losses, sync, timed_steps  # noqa: E402
+from common import REPO, ResultsFile, compose, device_tag, environment, fit_losses, sync, timed_steps  # noqa: E402
 
 
 def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--parts", default="step,loss", help="which of step, loss to run")
     parser.add_argument("--loss-steps", type=int, default=400)
     parser.add_argument("--out", default=None, help="default: bench/results/muonclip_<device>.json")
+    parser.add_argument("--update", action="store_true", help="keep the parts already in --out that this run does not measure")
     parser.add_argument("--only", choices=("adamw", "muonclip"), help=argparse.SUPPRESS)
     parser.add_argument("--part-kind", choices=("step", "loss"), default="step", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
@@ -100,13 +101,10 @@ def main() -> None:
         defaults.insert(0, "model=proxy")
     step_overrides = [*defaults, *overrides]
     parts = args.parts.split(",")
-    record = {"benchmark": "muonclip", **environment()}
-    out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device_tag(record['device'])}.json")
-
-    def save() -> None:  # after every part, so a run cut short keeps what it measured
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(record, f, indent=2)
+    env = environment()
+    out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device_tag(env['device'])}.json")
+    results = ResultsFile(out, {"benchmark": "muonclip", **env}, args.update)
+    record = results.record
 
     # One process (group) per optimizer: a Trainer's GPU memory is not returned within a process.
     def both(kind: str, extra: list[str]) -> tuple[dict, dict]:
@@ -143,7 +141,7 @@ def main() -> None:
             "adamw_step_losses": a["losses"],
             "muonclip_last_qk_clip": m["last_qk_clip"],
         })
-        save()
+        results.save("step")
     if "loss" in parts:
         m, a = both("loss", [])
         record.update({
@@ -156,7 +154,7 @@ def main() -> None:
             "muonclip_val_losses": m["val_losses"],
             "adamw_val_losses": a["val_losses"],
         })
-        save()
+        results.save("loss")
     print(json.dumps({k: v for k, v in record.items() if "losses" not in k}, indent=2))
     print(f"wrote {out}")
 
