@@ -51,7 +51,7 @@ def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "triton", "megatron-core"):
+    for name in ("torch", "triton", "megatron-core", "fla-core", "flash-linear-attention"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
