@@ -71,6 +71,14 @@ def test_forward_and_backward_are_timed_per_kind_and_outputs_unchanged():
     assert times.read() == {"outer": 0.0, "slow": 0.0}
 
 
+def test_input_passed_by_keyword_is_bracketed():
+    model = _Slow(0.03)
+    times = ModuleTimes(model, {"slow": (_Slow,)})
+    out, _ = model(x=torch.randn(2, 8, requires_grad=True))
+    out.sum().backward()
+    assert times.read()["slow"] >= 0.06  # forward and backward
+
+
 def test_no_backward_bracket_without_gradients():
     model = _Outer()
     times = ModuleTimes(model, {"slow": (_Slow,)})

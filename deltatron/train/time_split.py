@@ -85,14 +85,22 @@ class ModuleTimes:
             if self.ranges:
                 state["range"] = torch.profiler.record_function(f"{name}.forward")
                 state["range"].__enter__()
-            i = _first_grad_tensor(args)
-            if i is None or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 return None
             bwd = {}
+            close = lambda: self._close(name, bwd)  # noqa: E731
+            i = _first_grad_tensor(args)
+            if i is not None:
+                args = list(args)
+                args[i] = _Mark.apply(args[i], close)
+                state["bwd"] = bwd
+                return tuple(args), kwargs
+            key = next((k for k, v in kwargs.items() if _first_grad_tensor([v]) is not None), None)
+            if key is None:  # no input needs a gradient
+                return None
+            kwargs = dict(kwargs, **{key: _Mark.apply(kwargs[key], close)})
             state["bwd"] = bwd
-            args = list(args)
-            args[i] = _Mark.apply(args[i], lambda: self._close(name, bwd))
-            return tuple(args), kwargs
+            return args, kwargs
 
         def post(mod, args, kwargs, output):
             self._spans[name].append((state.pop("start"), _Clock(self.cuda)))
