@@ -22,7 +22,8 @@ only: no host synchronisation in the experts. torch._grouped_mm also runs on CPU
 loop inside PyTorch), so the CPU tests exercise this exact code.
 
 Configurations this path does not cover (expert tensor parallelism > 1, biases, FP8/FP4, gates
-other than SwiGLU, probs applied on the input) fall back to `SequentialMLP.forward`.
+other than SwiGLU, probs applied on the input, CUDA tensors other than bf16) fall back to
+`SequentialMLP.forward`.
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ class GroupedGemmExperts(SequentialMLP):
         )
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        if not self._grouped_supported():
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states
+        # CUDA's grouped kernel takes bf16 only (fp32 GPU runs keep the loop); CPU takes any float
+        dtype_ok = x.device.type == "cpu" or x.dtype == torch.bfloat16
+        if not (dtype_ok and self._grouped_supported()):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         num_tokens = x.shape[0]
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2f, d]
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, d, f]
