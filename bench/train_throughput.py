@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py [--only JOBS] [--steps 6] [--warmup 2] [--budget 540]
                                      [--profile] [--cpu] [--out FILE] [--profile-out FILE]
+                                     [hydra overrides for our jobs ...]
 
 Jobs (each its own subprocess with its own timeout, so an OOM or a crash loses one row; the
 results file is rewritten after every job):
@@ -137,7 +138,7 @@ def _split(kind_seconds: dict, forward_backward: float, step: float, data: float
 class _Deltatron:
     """Our trainer on one job's shapes."""
 
-    def __init__(self, job: Job, cpu: bool, run_dir: str, steps: int):
+    def __init__(self, job: Job, cpu: bool, run_dir: str, steps: int, overrides: list[str]):
         from deltatron.train.trainer import Trainer
 
         overrides = [
@@ -145,7 +146,7 @@ class _Deltatron:
             f"train.global_batch_size={job.micro_batch}", "data.mock=true", "data.document_boundaries=false",
             "train.eval_interval=0", "train.save_interval=0", "logging.wandb=false", f"train.steps={steps}",
             f"train.run_dir={run_dir}", "optim.warmup_steps=2", *job.extra,
-            *(["train.precision=fp32"] if cpu else []),
+            *(["train.precision=fp32"] if cpu else []), *overrides,
         ]
         cfg, resolved = compose(overrides)
         self.model_cfg = cfg.model
@@ -277,7 +278,8 @@ def worker(args) -> None:
     launched = float(os.environ["TRAIN_THROUGHPUT_LAUNCHED"])
     job = (CPU_JOBS if args.cpu else GPU_JOBS)[args.job]
     if job.kind == "deltatron":
-        trainer = _Deltatron(job, args.cpu, os.path.join(args.tmp, f"run-{args.job}"), args.warmup + args.steps)
+        trainer = _Deltatron(job, args.cpu, os.path.join(args.tmp, f"run-{args.job}"), args.warmup + args.steps,
+                             args.overrides)
         model_cfg = trainer.model_cfg
     else:
         model_cfg, _ = compose([*job.model])
@@ -362,7 +364,7 @@ def _run_job(name: str, job: Job, args, tmp: str, timeout: float) -> dict:
     fresh = not os.path.isdir(triton_cache)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--job", name, "--tmp", tmp,
            "--result", result_path, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           *(["--cpu"] if args.cpu else []), *(["--profile"] if args.profile else [])]
+           *(["--cpu"] if args.cpu else []), *(["--profile"] if args.profile else []), *args.overrides]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1", TRITON_CACHE_DIR=triton_cache,
                TRAIN_THROUGHPUT_LAUNCHED=repr(time.time()))
@@ -396,7 +398,8 @@ def main() -> None:
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
+    args.overrides = overrides  # Hydra overrides for our jobs, e.g. model.moe_grouped_gemm=false
     if args.worker:
         return worker(args)
     jobs = CPU_JOBS if args.cpu else GPU_JOBS
@@ -435,7 +438,7 @@ def main() -> None:
                 env_record = r.pop("environment")
             record = {
                 "benchmark": "train_throughput", "gpu": env_record["device"], **env_record,
-                "steps": args.steps, "warmup": args.warmup, "budget_s": args.budget,
+                "steps": args.steps, "warmup": args.warmup, "budget_s": args.budget, "overrides": args.overrides,
                 "rows": [_row(n, j, results) for n, j in jobs.items() if j.reference and n in names],
                 "jobs": results,
             }
