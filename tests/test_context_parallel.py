@@ -102,3 +102,86 @@ def test_slices_combined_match_one_pass(ranks, cu):
     grads = torch.autograd.grad((got * weights).sum(), inputs)
     for name, a, b in zip("q k v g beta".split(), grads, want_grads):
         assert torch.allclose(a, b, atol=1e-5), f"d{name}: {(a - b).abs().max()}"
+
+
+# ---------------------------------------------------------------------------- CP training parity
+# Every CP run trains from the same initial weights on the same batches as one process; losses and
+# gradient norms of each step within LOSS_RTOL, final parameters within PARAM_ATOL (as
+# tests/test_parallel_parity.py). One 2-process and one 4-process launch hold all runs.
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 2e-5
+TWO_PROCESS = {
+    "cp2_documents": (dict(cp=2), "documents"),
+    "cp2_one_document": (dict(cp=2), "one_document"),
+}
+FOUR_PROCESS = {
+    "cp4_documents": (dict(cp=4), "documents"),
+    "cp4_one_document": (dict(cp=4), "one_document"),
+    "cp2_tp2_documents": (dict(cp=2, tp=2, sequence_parallel=True), "documents"),
+}
+
+
+@pytest.fixture(scope="module")
+def cp_reference(tmp_path_factory, process_groups):
+    """Single process: the initial weights, then each batch set's losses and final weights."""
+    import dataclasses
+
+    import cp_parity
+    from deltatron.train.checkpoint import save_model
+    from deltatron.train.trainer import Trainer
+    from test_parallel_parity import _params
+
+    tmp = tmp_path_factory.mktemp("cp")
+    init = str(tmp / "init")
+    cfg = cp_parity.run_config({}, str(tmp / "run-init"), "documents")
+    save_model(Trainer(cfg, dataclasses.asdict(cfg), data=cp_parity.LongBatches("documents", 0, 1)).model, init)
+    refs = {}
+    for batches in cp_parity.DOC_STARTS:
+        out = cp_parity.train({}, batches, init, str(tmp / f"ref-{batches}"), str(tmp / f"run-ref-{batches}"))
+        refs[batches] = (out, _params(str(tmp / f"ref-{batches}")))
+    return tmp, init, refs
+
+
+@pytest.fixture(scope="module")
+def cp_two_process(cp_reference):
+    import cp_parity
+    from distributed import run_distributed
+
+    tmp, init, _ = cp_reference
+    return run_distributed(cp_parity.layouts_job, 2, TWO_PROCESS, init, str(tmp))[0]
+
+
+@pytest.fixture(scope="module")
+def cp_four_process(cp_reference):
+    import cp_parity
+    from distributed import run_distributed
+
+    tmp, init, _ = cp_reference
+    return run_distributed(cp_parity.layouts_job, 4, FOUR_PROCESS, init, str(tmp))[0]
+
+
+def _check_cp(name, runs, results, cp_reference):
+    from test_parallel_parity import _params
+
+    tmp, _, refs = cp_reference
+    ref, ref_params = refs[runs[name][1]]
+    got = results[name]
+    assert got["loss"] == pytest.approx(ref["loss"], rel=LOSS_RTOL), f"{name}: {got} vs {ref}"
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=LOSS_RTOL), f"{name}: {got} vs {ref}"
+    assert ref["loss"][0] != ref["loss"][-1]  # the steps changed the model
+    params = _params(str(tmp / name))
+    bad = {
+        key: err for key, r in ref_params.items() if r.dtype.is_floating_point
+        if (err := (params[key] - r).abs().max().item()) > PARAM_ATOL
+    }
+    assert not bad, f"{name}: parameters differ: {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(TWO_PROCESS))
+def test_cp2_matches_single_process(name, cp_reference, cp_two_process):
+    _check_cp(name, TWO_PROCESS, cp_two_process, cp_reference)
+
+
+@pytest.mark.parametrize("name", sorted(FOUR_PROCESS))
+def test_cp4_and_cp2_tp2_match_single_process(name, cp_reference, cp_four_process):
+    _check_cp(name, FOUR_PROCESS, cp_four_process, cp_reference)

@@ -15,6 +15,11 @@ the output projection reduce-scatters, as in megatron-core's attention.
 
 The recurrence itself sits behind `deltatron.kernels.kda.kda` (pure PyTorch chunkwise on CPU, the
 Triton kernels when they exist); this module only prepares its inputs.
+
+Under context parallelism (packed_seq_params carrying a CP slice, deltatron/parallel/cp_slice.py)
+the module sees its rank's contiguous slice of the sequence: the short convolutions take the
+previous rank's last rows as their history and the recurrence combines states across ranks
+(deltatron/parallel/cp_kda.py).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from deltatron.kernels.kda import kda as kda_op
+from deltatron.parallel.cp_kda import conv_halo, kda_context_parallel
+from deltatron.parallel.cp_slice import CPSlice, cp_slice_of
 
 
 @dataclass
@@ -198,11 +205,13 @@ class KimiDeltaAttention(MegatronModule):
         seq_len, batch = x.shape[:2]
 
         cu_seqlens = doc_pos = None
+        cp = cp_slice_of(packed_seq_params)
         if packed_seq_params is not None:
             if batch != 1:
                 raise ValueError("packed sequences (THD) need the batch folded into one row")
             cu_seqlens = packed_seq_params.cu_seqlens_q
-            doc_pos = positions_in_documents(cu_seqlens, seq_len)
+            # under CP: positions in the global documents (the first piece may continue one)
+            doc_pos = cp.doc_positions() if cp is not None else positions_in_documents(cu_seqlens, seq_len)
 
         def proj(linear, inp):
             out, _ = linear(inp)
@@ -211,9 +220,12 @@ class KimiDeltaAttention(MegatronModule):
         q = proj(self.linear_q, x)
         k = proj(self.linear_k, x)
         v = proj(self.linear_v, x)
-        q = F.silu(causal_short_conv(q, self.q_conv, doc_pos))
-        k = F.silu(causal_short_conv(k, self.k_conv, doc_pos))
-        v = F.silu(causal_short_conv(v, self.v_conv, doc_pos))
+        if cp is not None:
+            q, k, v = self._convolve_with_halo(q, k, v, doc_pos, cp)
+        else:
+            q = F.silu(causal_short_conv(q, self.q_conv, doc_pos))
+            k = F.silu(causal_short_conv(k, self.k_conv, doc_pos))
+            v = F.silu(causal_short_conv(v, self.v_conv, doc_pos))
         heads = (batch, seq_len, self.local_heads, -1)
         # Back to the activations' dtype after the fp32 normalisation (as fla's l2norm): with
         # fp32 q, k next to a bf16 v the Triton kernel sees mixed inputs and runs 3xTF32
@@ -227,10 +239,15 @@ class KimiDeltaAttention(MegatronModule):
         g = -self.A_log.exp()[:, None] * F.softplus(gate_in.view(heads))
         beta = torch.sigmoid(proj(self.linear_beta, x).float())
 
-        o, _ = kda_op(
-            q, k, v, g, beta, initial_state=None, output_final_state=False,
-            cu_seqlens=cu_seqlens, backend=self._kernel_backend(), chunk_size=self.chunk_size,
-        )
+        if cp is not None:
+            o = kda_context_parallel(
+                q, k, v, g, beta, cp, backend=self._kernel_backend(), chunk_size=self.chunk_size
+            )
+        else:
+            o, _ = kda_op(
+                q, k, v, g, beta, initial_state=None, output_final_state=False,
+                cu_seqlens=cu_seqlens, backend=self._kernel_backend(), chunk_size=self.chunk_size,
+            )
 
         go, _ = self.linear_g_a(x)
         out_gate = proj(self.linear_g_b, go).view(heads)
@@ -246,6 +263,20 @@ class KimiDeltaAttention(MegatronModule):
         o = (o * torch.sigmoid(out_gate.float())).to(x.dtype)
         o = o.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()  # [S, B, H*dv]
         return self.linear_proj(o)
+
+    def _convolve_with_halo(self, q, k, v, doc_pos: torch.Tensor, cp: CPSlice):
+        """The three short convolutions of a CP slice, with the previous rank's last W - 1 rows
+        as history (one exchange for q, k and v). q, k, v: [1, L, C] -> SiLU(conv) [1, L, C]."""
+        rows = self.conv_width - 1
+        widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
+        qkv = torch.cat([q, k, v], dim=-1)
+        extended = torch.cat([conv_halo(qkv, rows, cp), qkv], dim=1)  # [1, rows + L, C]
+        pos = torch.cat([doc_pos.new_zeros(rows), doc_pos])  # the halo rows' own outputs are dropped
+        parts = torch.split(extended, widths, dim=-1)
+        weights = (self.q_conv, self.k_conv, self.v_conv)
+        return tuple(
+            F.silu(causal_short_conv(part, w, pos)[:, rows:]) for part, w in zip(parts, weights)
+        )
 
     def _kernel_backend(self) -> str:
         if self.backend != "auto":

@@ -10,6 +10,15 @@ megatron-core's `MLASelfAttention` does the projections; two things are ours:
   handles packed documents (THD layout, `cu_seqlens`) and, when asked, records the per-head
   maximum attention logit that MuonClip's QK-clip needs, in megatron-core's attribute
   `current_max_attn_logits` so `MLASelfAttention.clip_qk` works with it unchanged.
+
+Context parallelism (`_forward_context_parallel`): each CP rank holds a contiguous slice of the
+packed row (the slices KDA needs, deltatron/parallel/cp_slice.py), all-gathers K and V of its CP
+group and attends its queries to the keys of their documents up to themselves (causal, aligned
+to the bottom right); the all-gather's backward reduce-scatters dK and dV. The slices are not
+load-balanced: the last rank's queries see the most keys (up to about 2x the mean attention
+FLOPs within a long document); the zigzag order that would balance them breaks KDA's contiguous
+state hand-off, and permuting the hidden states around every MLA layer costs an all-to-all of
+the activations. Documents shorter than a slice are balanced anyway.
 """
 
 from __future__ import annotations
@@ -19,14 +28,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from torch.nn.attention.bias import causal_lower_right
+
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, gather_from_sequence_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from deltatron.model.attention_kernels import causal_attention, varlen_causal_attention
+
+from deltatron.parallel.cp_slice import CPSlice, cp_slice_of
 
 # Query rows per block when computing max logits without materialising the full [T, T] scores.
 _MAX_LOGIT_BLOCK = 1024
@@ -118,14 +131,18 @@ class _ReplicatedDownProjection(torch.nn.Module):
 
 
 def causal_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-head max of scale * q.k over causal pairs. q, k: [B, N, T, D] -> [N] (fp32)."""
+    """Per-head max of scale * q.k over causal pairs. q: [B, N, Tq, D], k: [B, N, Tk, D] with
+    Tk >= Tq, the queries being the last Tq key positions (bottom-right causal) -> [N] (fp32)."""
     t = q.shape[2]
+    offset = k.shape[2] - t
     best = torch.full((q.shape[1],), float("-inf"), device=q.device, dtype=torch.float32)
     for start in range(0, t, _MAX_LOGIT_BLOCK):
         end = min(start + _MAX_LOGIT_BLOCK, t)
-        scores = torch.einsum("bnqd,bnkd->bnqk", q[:, :, start:end].float(), k[:, :, :end].float())
-        rows = torch.arange(start, end, device=q.device)[:, None]
-        cols = torch.arange(end, device=q.device)[None, :]
+        scores = torch.einsum(
+            "bnqd,bnkd->bnqk", q[:, :, start:end].float(), k[:, :, : end + offset].float()
+        )
+        rows = torch.arange(start, end, device=q.device)[:, None] + offset
+        cols = torch.arange(end + offset, device=q.device)[None, :]
         scores = scores.masked_fill(cols > rows, float("-inf"))
         best = torch.maximum(best, scores.amax(dim=(0, 2, 3)) * scale)
     return best
@@ -153,8 +170,6 @@ class SDPACoreAttention(MegatronModule):
         **unused,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("SDPACoreAttention has no context parallelism")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.track_max_logits = bool(config.qk_clip or config.log_max_attention_logit)
@@ -173,6 +188,14 @@ class SDPACoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention does not take an attention bias")
+        cp = cp_slice_of(packed_seq_params)
+        if cp is not None:
+            return self._forward_context_parallel(query, key, value, cp)
+        if self.config.context_parallel_size > 1:
+            raise ValueError(
+                "context parallelism needs the packed CP slice metadata "
+                "(deltatron.parallel.cp_slice.cp_packed_seq_params), as the trainer passes it"
+            )
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._forward_packed(
                 query, key, value, packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
@@ -201,8 +224,30 @@ class SDPACoreAttention(MegatronModule):
         out = torch.cat(outs, dim=0)
         return out.reshape(out.shape[0], -1)
 
+    def _forward_context_parallel(self, query, key, value, cp: CPSlice):
+        """THD query/key/value [L, N, D] of this rank's slice -> [L, N*Dv]: attention to the
+        all-gathered keys of each query's document, up to the query itself."""
+        dqk = key.shape[-1]
+        # one gather for K and V: one collective (and one reduce-scatter of dK|dV) per layer
+        kv = gather_from_sequence_parallel_region(
+            torch.cat([key, value], dim=-1).contiguous(), tensor_parallel_output_grad=True,
+            group=cp.group,
+        )  # [T, N, Dqk + Dv], the whole row
+        bounds = cp.local_cu_seqlens.tolist()
+        outs = []
+        for piece, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b == a:
+                continue
+            doc_start = cp.start + a - (cp.first_doc_offset if piece == 0 else 0)
+            keys = kv[doc_start : cp.start + b].transpose(0, 1)[None]  # [1, N, Tk, Dqk + Dv]
+            q = query[a:b].transpose(0, 1)[None]
+            outs.append(self._attend(q, keys[..., :dqk], keys[..., dqk:])[0].transpose(0, 1))
+        out = torch.cat(outs, dim=0)
+        return out.reshape(out.shape[0], -1)
+
     def _attend(self, q, k, v):
-        """q, k: [B, N, T, Dqk]; v: [B, N, T, Dv] -> [B, N, T, Dv]."""
+        """q: [B, N, Tq, Dqk]; k: [B, N, Tk, Dqk]; v: [B, N, Tk, Dv] -> [B, N, Tq, Dv]. Causal;
+        with Tk > Tq the queries are the last Tq key positions (a CP slice's continuing document)."""
         # Only training forwards count: QK-clip acts on the step's logits, not on evaluation's.
         if self.track_max_logits and self.training:
             with torch.no_grad():
@@ -212,4 +257,7 @@ class SDPACoreAttention(MegatronModule):
                 if self.current_max_attn_logits is None
                 else torch.maximum(self.current_max_attn_logits, step_max)
             )
-        return causal_attention(q, k, v, self.softmax_scale)
+        if k.shape[2] == q.shape[2]:
+            return causal_attention(q, k, v, self.softmax_scale)
+        mask = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)

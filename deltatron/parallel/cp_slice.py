@@ -95,10 +95,17 @@ class ContextParallelPackedSeqParams(PackedSeqParams):
 
 def cp_packed_seq_params(cp: CPSlice) -> ContextParallelPackedSeqParams:
     cu = cp.local_cu_seqlens
-    longest = int((cu[1:] - cu[:-1]).max())
+    # megatron-core's THD RoPE (MLA's rotary part) assumes TE's zigzag slices: it splits the local
+    # tokens by the padded document lengths / cp and takes two halves of each. Kimi's MLA is NoPE
+    # (rotary_percent=0: an empty frequency table, the identity), so we hand it one padded
+    # document of the whole row, which it splits into this rank's slice (two even halves) with
+    # frequencies for `total` positions. Nothing else reads the padded offsets: KDA and our core
+    # attention use cu_seqlens_q and cp_slice.
+    padded = torch.tensor([0, cp.total], dtype=torch.int32, device=cu.device)
     return ContextParallelPackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-        max_seqlen_kv=longest, cp_group=cp.group, cp_slice=cp,
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded, max_seqlen_q=cp.total, max_seqlen_kv=cp.total,
+        cp_group=cp.group, cp_slice=cp,
     )
 
 

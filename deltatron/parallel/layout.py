@@ -55,6 +55,8 @@ class ParallelConfig:
             errors.append("parallel.sequence_parallel=true needs parallel.tp > 1")
         if self.vpp is not None and self.pp == 1:
             errors.append("parallel.vpp needs parallel.pp > 1")
+        if model is not None and self.cp > 1:
+            errors += self._context_parallel_errors(model)
         if model is not None:
             if model.kda_num_heads % self.tp:
                 errors.append(f"KDA heads ({model.kda_num_heads}) are not divisible by tp={self.tp}")
@@ -80,6 +82,48 @@ class ParallelConfig:
             raise ValueError(
                 f"invalid parallel layout for world size {world_size} (dp would be {dp}): "
                 + "; ".join(errors)
+            )
+
+    def _context_parallel_errors(self, model) -> list[str]:
+        """What context parallelism (deltatron/parallel/cp_*.py) does not cover."""
+        from deltatron.model.te import resolve_transformer_impl
+
+        errors = []
+        if resolve_transformer_impl(model.transformer_impl) == "transformer_engine":
+            errors.append(
+                f"parallel.cp={self.cp} runs MLA through deltatron's all-gather-KV attention on "
+                "contiguous slices (KDA needs them), not Transformer Engine's zigzag CP attention: "
+                "set model.transformer_impl=local"
+            )
+        if model.residual != "standard":
+            errors.append(
+                f"parallel.cp={self.cp} is not tested with model.residual={model.residual}: use "
+                "model.residual=standard or parallel.cp=1"
+            )
+        return errors
+
+    def validate_sequence(self, seq_length: int, micro_batch_size: int, model=None) -> None:
+        """Under context parallelism a micro-batch (folded into one row of micro_batch_size x
+        seq_length tokens) is cut into cp equal slices of even length, each split again over TP
+        ranks under sequence parallelism, and each at least as long as the short convolution's
+        history."""
+        if self.cp == 1:
+            return
+        row = micro_batch_size * seq_length
+        # 2: megatron-core's THD RoPE halves each slice (see cp_slice.cp_packed_seq_params)
+        multiple = 2 * self.cp * (self.tp if self.sequence_parallel else 1)
+        if row % multiple:
+            raise ValueError(
+                f"parallel.cp={self.cp}: a micro-batch row of train.micro_batch_size x data.seq_length = "
+                f"{micro_batch_size} x {seq_length} tokens must be a multiple of 2 x cp"
+                + (" x tp (sequence parallelism)" if self.sequence_parallel else "")
+                + f" = {multiple}: change data.seq_length or parallel.cp"
+            )
+        history = (model.kda_conv_kernel - 1) if model is not None else 0
+        if row // self.cp < history:
+            raise ValueError(
+                f"parallel.cp={self.cp} leaves {row // self.cp} tokens per rank, fewer than KDA's "
+                f"short-convolution history of {history}: use a smaller parallel.cp"
             )
 
     def describe(self, world_size: int) -> str:

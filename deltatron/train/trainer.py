@@ -26,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 
 from deltatron.model.attnres import collect_depth_metrics, start_depth_metrics
 from deltatron.model.model import build_model, packed_seq_params
+from deltatron.parallel.cp_slice import cp_packed_seq_params, slice_batch
 from deltatron.parallel.setup import init_process_groups
 from deltatron.train.checkpoint import load_model
 from deltatron.train.config import RunConfig
@@ -103,6 +104,7 @@ class Trainer:
         )
         self.world_size = dist.get_world_size()
         par.validate(self.world_size, cfg.model)
+        par.validate_sequence(cfg.data.seq_length, train.micro_batch_size, cfg.model)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         per_step = train.micro_batch_size * self.dp_size
@@ -230,28 +232,48 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        cp_group, psp = None, None
+        if self.cfg.parallel.cp > 1:
+            # Context parallelism: the micro-batch folded into one packed row, this CP rank's
+            # contiguous slice of it (deltatron/parallel/cp_slice.py); KDA and MLA exchange what
+            # crosses the slice edges.
+            cp_group = parallel_state.get_context_parallel_group()
+            part, cp = slice_batch(
+                batch, parallel_state.get_context_parallel_rank(), self.cfg.parallel.cp, cp_group,
+                device=self.device,
+            )
+            batch = {**batch, **part}
+            psp = cp_packed_seq_params(cp)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
-        psp = None
-        if self.cfg.data.document_boundaries:
+        if cp_group is None and self.cfg.data.document_boundaries:
             # Documents packed into one row (megatron-core's THD layout): KDA resets its state at
             # each boundary, MLA attends within each document.
             tokens, labels, loss_mask = (x.reshape(1, -1) for x in (tokens, labels, loss_mask))
             psp = packed_seq_params(batch["cu_seqlens"].to(self.device), int(batch["max_seqlen"]))
         output = model(tokens, None, None, labels=labels, packed_seq_params=psp)
-        # per-dataset loss of a blend: only on log steps, from the rows' blend entries
+        # per-dataset loss of a blend: only on log steps, from the rows' (under CP: the tokens')
+        # blend entries
         dataset = batch.get("dataset") if self._log_step and len(self.dataset_names) > 1 else None
-        return output, partial(self._loss, loss_mask, dataset, len(self.dataset_names))
+        return output, partial(self._loss, loss_mask, dataset, len(self.dataset_names), cp_group)
 
     @staticmethod
-    def _loss(loss_mask: torch.Tensor, dataset, num_datasets: int, per_token_loss: torch.Tensor):
+    def _loss(loss_mask: torch.Tensor, dataset, num_datasets: int, cp_group, per_token_loss: torch.Tensor):
         mask = loss_mask.reshape(-1).float()
         loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+        if cp_group is not None:
+            # megatron-core's schedule divides by num_tokens and DDP averages gradients over the
+            # dp x cp ranks: with cp x this slice's loss sum over the CP group's token count, the
+            # CP ranks add up to sum(loss) / tokens of the whole sequence, as one process has it
+            total = mask.sum().detach()
+            dist.all_reduce(total, group=cp_group)
+            loss_sum, num_tokens = loss_sum * cp_group.size(), total.to(torch.int)
         if dataset is not None:
-            # rows are whole samples of one entry (packed THD rows are the same rows, concatenated)
+            # rows are whole samples of one entry (packed THD rows are the same rows, concatenated;
+            # under CP `dataset` names each token's entry, a row per token)
             rows = dataset.numel()
             masked = per_token_loss.detach().reshape(rows, -1).float() * mask.view(rows, -1)
             per_ds = torch.zeros(num_datasets, 2, dtype=torch.float64, device=mask.device)
@@ -262,7 +284,7 @@ class Trainer:
         return loss_sum, num_tokens, report
 
     def _run_schedule(self, batches: list, forward_only: bool) -> list:
-        if self.cfg.data.document_boundaries:
+        if self.cfg.data.document_boundaries or self.cfg.parallel.cp > 1:
             seq_length, mbs = self.cfg.train.micro_batch_size * self.seq_length, 1
         else:
             seq_length, mbs = self.seq_length, self.cfg.train.micro_batch_size
@@ -292,13 +314,14 @@ class Trainer:
             return result
 
     def _mean_loss(self, loss_dicts: list) -> float:
-        """Token-weighted mean loss over micro-batches, data-parallel ranks and onto rank 0."""
+        """Token-weighted mean loss over micro-batches, data- and context-parallel ranks and onto
+        rank 0."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for d in loss_dicts:
             total += d["lm loss"].to(total)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         return (total[0] / total[1].clamp(min=1)).item()
 
     def train_step(self, batches: list) -> dict:
@@ -347,7 +370,7 @@ class Trainer:
                     per_ds += d["dataset loss"].to(per_ds)
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
                 dist.all_reduce(per_ds, group=parallel_state.get_pipeline_model_parallel_group())
-            dist.all_reduce(per_ds, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(per_ds, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
             per_ds = per_ds.view(n, 2).cpu()
             for name, (total, count) in zip(self.dataset_names, per_ds.tolist()):
                 if count > 0:
