@@ -16,10 +16,10 @@ import pytest
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
 
-from deltatron.train.optim import align_state_index
+from deltatron.train.optim import align_state_index, prepare_for_loading
 
 
-def _distributed_optimizer():
+def _distributed_optimizer(inner_class=torch.optim.SGD):
     """Two param groups: group 0 holds bf16 `a` (6), bf16 `b` (4) and fp32 `c` (3, like KDA's
     A_log); group 1 holds bf16 `d` (5). One DP rank, so each shard is the whole parameter."""
     a, b, d = (torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in (6, 4, 5))
@@ -50,10 +50,12 @@ def _distributed_optimizer():
     # copies of the bf16 shards. Each main parameter's state is tagged with its model parameter.
     tags = {a: 1.0, b: 2.0, c: 3.0, d: 4.0}
     main = {p: torch.zeros(p.numel()) for p in tags}
-    inner = torch.optim.SGD([{"params": [main[c], main[a], main[b]]}, {"params": [main[d]]}], lr=0.1)
-    for p, tag in tags.items():
-        inner.state[main[p]] = {"exp_avg": torch.full((p.numel(),), tag)}
+    inner = inner_class([{"params": [main[c], main[a], main[b]]}, {"params": [main[d]]}], lr=0.1)
+    if inner_class is torch.optim.SGD:
+        for p, tag in tags.items():
+            inner.state[main[p]] = {"exp_avg": torch.full((p.numel(),), tag)}
     opt.optimizer = inner
+    opt.grad_scaler = None
     return opt, tags
 
 
@@ -82,3 +84,18 @@ def test_align_refuses_a_layout_it_does_not_know():
     groups[0]["params"] = groups[0]["params"][::-1]  # not megatron-core's fp32-first order
     with pytest.raises(RuntimeError, match="param-group layout changed"):
         align_state_index(opt)
+
+
+def test_fresh_optimizer_gets_state_to_build_its_load_template():
+    """A resume builds the load template from a fresh optimizer; without Apex or TE megatron-core
+    reads torch Adam's per-parameter "step", which exists only after a step."""
+    opt, _ = _distributed_optimizer(torch.optim.AdamW)
+    with pytest.raises(AssertionError):  # if this stops failing, prepare_for_loading can go
+        opt.state_dict()
+    prepare_for_loading(opt)
+    state = opt.state_dict()
+    assert [g["step"] for g in state["optimizer"]["param_groups"]] == [1.0, 1.0]
+    assert all(set(s) >= {"exp_avg", "exp_avg_sq", "step"} for s in opt.optimizer.state.values())
+    assert len(opt.optimizer.state) == 4
+    prepare_for_loading(opt)  # a no-op once there is state: no second step
+    assert opt.state_dict()["optimizer"]["param_groups"][0]["step"] == 1.0

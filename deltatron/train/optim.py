@@ -45,6 +45,22 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: 
     return optimizer
 
 
+def prepare_for_loading(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet its state tensors, so that its load
+    template can be built.
+
+    Without Apex or Transformer Engine, megatron-core 0.19.2's DistributedOptimizer.state_dict()
+    reads each parameter's Adam "step", which torch's Adam creates on the first step; building the
+    load template of a fresh run's optimizer (every resume) failed on `assert len(steps) == 1`.
+    megatron-core's own remedy (used by its FSDP path) is one zero-gradient step on the main
+    parameters; every value it writes (main parameters, moments, step) is then overwritten by
+    the checkpoint.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
 def align_state_index(optimizer: DistributedOptimizer) -> None:
     """Point the distributed optimizer's (group, position) index of each model parameter at that
     parameter's main shard in the inner optimizer's param_groups.

@@ -126,6 +126,8 @@ def _architecture(model_config) -> dict:
 
 def _optimizer_state(optimizer, model: dict, loading: bool) -> dict:
     if isinstance(optimizer, MegatronOptimizer):  # the distributed one needs its format named
+        if loading:
+            prepare_for_loading(optimizer)
         return optimizer.sharded_state_dict(model, is_loading=loading, metadata=OPTIMIZER_METADATA)
     return optimizer.sharded_state_dict(model, is_loading=loading)  # MuonClip: parameter space
 
