@@ -105,50 +105,32 @@ def test_slices_combined_match_one_pass(ranks, cu):
 
 
 # ---------------------------------------------------------------------------- CP training parity
-# Every CP run trains from the same initial weights on the same batches as one process; losses and
-# gradient norms of each step within LOSS_RTOL, final parameters within PARAM_ATOL (as
-# tests/test_parallel_parity.py). One 2-process and one 4-process launch hold all runs.
+# Every CP layout trains from the same initial weights on the same batches as one process (one
+# micro-batch a single document over all slice edges, one with document boundaries across, at
+# and between the edges: tests/cp_parity.py); losses and gradient norms of each step within
+# LOSS_RTOL, final parameters within PARAM_ATOL (as tests/test_parallel_parity.py). All runs share
+# one 4-process launch (process start-up dominates on a 2-core machine): CP2 runs as CP2 x DP2,
+# each data-parallel replica one of the two micro-batches, so it covers CP2 with and without
+# document boundaries at the edges and the gradient reduction over dp x cp.
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 2e-5
-TWO_PROCESS = {
-    "cp2_documents": (dict(cp=2), "documents"),
-    "cp2_one_document": (dict(cp=2), "one_document"),
-}
 FOUR_PROCESS = {
-    "cp4_documents": (dict(cp=4), "documents"),
-    "cp4_one_document": (dict(cp=4), "one_document"),
-    "cp2_tp2_documents": (dict(cp=2, tp=2, sequence_parallel=True), "documents"),
+    "cp2_dp2": dict(cp=2),
+    "cp4": dict(cp=4),
+    "cp2_tp2": dict(cp=2, tp=2, sequence_parallel=True),
 }
 
 
 @pytest.fixture(scope="module")
 def cp_reference(tmp_path_factory, process_groups):
-    """Single process: the initial weights, then each batch set's losses and final weights."""
-    import dataclasses
-
+    """Single process: the initial weights, the losses and the final weights."""
     import cp_parity
-    from deltatron.train.checkpoint import save_model
-    from deltatron.train.trainer import Trainer
     from test_parallel_parity import _params
 
     tmp = tmp_path_factory.mktemp("cp")
     init = str(tmp / "init")
-    cfg = cp_parity.run_config({}, str(tmp / "run-init"), "documents")
-    save_model(Trainer(cfg, dataclasses.asdict(cfg), data=cp_parity.LongBatches("documents", 0, 1)).model, init)
-    refs = {}
-    for batches in cp_parity.DOC_STARTS:
-        out = cp_parity.train({}, batches, init, str(tmp / f"ref-{batches}"), str(tmp / f"run-ref-{batches}"))
-        refs[batches] = (out, _params(str(tmp / f"ref-{batches}")))
-    return tmp, init, refs
-
-
-@pytest.fixture(scope="module")
-def cp_two_process(cp_reference):
-    import cp_parity
-    from distributed import run_distributed
-
-    tmp, init, _ = cp_reference
-    return run_distributed(cp_parity.layouts_job, 2, TWO_PROCESS, init, str(tmp))[0]
+    out = cp_parity.train({}, init, str(tmp / "ref"), str(tmp / "run-ref"), save_init=True)
+    return tmp, init, out, _params(str(tmp / "ref"))
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +138,14 @@ def cp_four_process(cp_reference):
     import cp_parity
     from distributed import run_distributed
 
-    tmp, init, _ = cp_reference
+    tmp, init, _, _ = cp_reference
     return run_distributed(cp_parity.layouts_job, 4, FOUR_PROCESS, init, str(tmp))[0]
 
 
-def _check_cp(name, runs, results, cp_reference):
+def _check_cp(name, got, cp_reference):
     from test_parallel_parity import _params
 
-    tmp, _, refs = cp_reference
-    ref, ref_params = refs[runs[name][1]]
-    got = results[name]
+    tmp, _, ref, ref_params = cp_reference
     assert got["loss"] == pytest.approx(ref["loss"], rel=LOSS_RTOL), f"{name}: {got} vs {ref}"
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=LOSS_RTOL), f"{name}: {got} vs {ref}"
     assert ref["loss"][0] != ref["loss"][-1]  # the steps changed the model
@@ -177,11 +157,43 @@ def _check_cp(name, runs, results, cp_reference):
     assert not bad, f"{name}: parameters differ: {bad}"
 
 
-@pytest.mark.parametrize("name", sorted(TWO_PROCESS))
-def test_cp2_matches_single_process(name, cp_reference, cp_two_process):
-    _check_cp(name, TWO_PROCESS, cp_two_process, cp_reference)
-
-
 @pytest.mark.parametrize("name", sorted(FOUR_PROCESS))
-def test_cp4_and_cp2_tp2_match_single_process(name, cp_reference, cp_four_process):
-    _check_cp(name, FOUR_PROCESS, cp_four_process, cp_reference)
+def test_context_parallel_layout_matches_single_process(name, cp_reference, cp_four_process):
+    _check_cp(name, cp_four_process[name], cp_reference)
+
+
+@pytest.mark.parametrize(
+    "layout, row, message",
+    [
+        (dict(cp=4), 36, "multiple of 2 x cp = 8"),
+        (dict(cp=2, tp=2, sequence_parallel=True), 20, "multiple of 2 x cp x tp (sequence parallelism) = 8"),
+        (dict(cp=8), 16, "fewer than KDA's short-convolution history of 3"),
+    ],
+)
+def test_context_parallel_rejects_rows_it_cannot_cut(layout, row, message):
+    import re
+
+    import parity
+    from deltatron.model.config import ModelConfig
+    from deltatron.parallel.layout import ParallelConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ParallelConfig(**layout).validate_sequence(row, 1, ModelConfig(**parity.MODEL))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(transformer_impl="transformer_engine"), "set model.transformer_impl=local"),
+        (dict(residual="block_attnres"), "use model.residual=standard or parallel.cp=1"),
+    ],
+)
+def test_context_parallel_rejects_what_it_does_not_cover(overrides, message):
+    import re
+
+    import parity
+    from deltatron.model.config import ModelConfig
+    from deltatron.parallel.layout import ParallelConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ParallelConfig(cp=2).validate(2, ModelConfig(**{**parity.MODEL, **overrides}))

@@ -86,10 +86,11 @@ class ParallelConfig:
 
     def _context_parallel_errors(self, model) -> list[str]:
         """What context parallelism (deltatron/parallel/cp_*.py) does not cover."""
-        from deltatron.model.te import resolve_transformer_impl
+        from deltatron.model.te import te_available
 
         errors = []
-        if resolve_transformer_impl(model.transformer_impl) == "transformer_engine":
+        impl = model.transformer_impl
+        if impl == "transformer_engine" or (impl == "auto" and te_available()):
             errors.append(
                 f"parallel.cp={self.cp} runs MLA through deltatron's all-gather-KV attention on "
                 "contiguous slices (KDA needs them), not Transformer Engine's zigzag CP attention: "
