@@ -37,6 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 
 from deltatron.train.checkpoint import check_complete, model_sharded_state_dict, save_sharded, unwrap
+from deltatron.train.optim import prepare_for_loading
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 # the distributed optimizer's state in parameter space: loadable under any layout
