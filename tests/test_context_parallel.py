@@ -197,3 +197,20 @@ def test_context_parallel_rejects_what_it_does_not_cover(overrides, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         ParallelConfig(cp=2).validate(2, ModelConfig(**{**parity.MODEL, **overrides}))
+
+
+# ---------------------------------------------------------------------------- long-context stages
+@pytest.mark.parametrize("stage, gpus", [("long_context_32k", 8), ("long_context_128k", 8), ("long_context_1m", 64)])
+def test_long_context_stages_fit_their_layouts(stage, gpus):
+    """Each stage of the 4k -> 32k -> 128k -> 1M schedule fits its CP layout on H200s in the
+    planner (the numbers in its conf/parallel preset), and 128k would not fit without CP."""
+    from deltatron.parallel.planner import plan_from_overrides
+
+    plan = plan_from_overrides(["model=proxy", f"+stage={stage}"], gpus=gpus, gpu="h200")
+    assert plan.fits and "cp=1 " not in plan.layout, plan.layout
+    assert plan.step_breakdown["context-parallel comm"] > 0
+    if stage == "long_context_128k":
+        no_cp = plan_from_overrides(["model=proxy", f"+stage={stage}", "parallel.cp=1"], gpus=gpus, gpu="h200")
+        assert not no_cp.fits
+        # CP divides the activations (up to MLA's gathered K|V of the whole row)
+        assert plan.ranks[0].activations < no_cp.ranks[0].activations / 6

@@ -24,6 +24,9 @@ the planner adds up, in bytes per GPU:
   parallelism for head/hidden-sharded tensors and, with sequence parallelism, for the residual
   stream too; with full recompute only each sub-layer's input is kept, plus one sub-layer
   recomputed at a time;
+* context parallelism (parallel.cp): activations per rank are those of its 1/cp of the row, plus
+  MLA's all-gathered K|V of the whole row and KDA's wider fp32 kernel values
+  (`_context_parallel_items`);
 * AttnRes caches (model.residual): block sums (attnres_blocks + 1) or every sub-layer output
   (2 x layers + 1) x tokens x hidden per micro-batch in flight;
 * transient peaks, of which the largest counts: MoE token-dispatch buffers (top-k copies of the
@@ -36,7 +39,9 @@ reports, which bench/plan_validate.py measures to check this model.
 
 Step time: every rank's FLOPs per micro-batch (deltatron.train.flops, split by kernel kind) at
 `KernelRates` (measured achievable rates, not spec peaks), plus tensor-parallel and expert-parallel
-collectives at `GPUSpec` link bandwidths, times the micro-batches plus the pipeline bubble
+collectives at `GPUSpec` link bandwidths (under CP also MLA's K|V all-gather and dK|dV
+reduce-scatter, and the last CP rank's larger share of causal attention), times the micro-batches
+plus the pipeline bubble
 ((pp - 1) / vpp micro-batches), plus the exposed data-parallel gradient/parameter traffic and the
 optimizer step. MFU divides the model FLOPs (3 x forward, as the trainer logs) by the spec peak.
 """
@@ -282,6 +287,21 @@ def _mla_items(cfg: ModelConfig, a: int) -> Items:
     return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=sharded, full=full)
 
 
+def _context_parallel_items(cfg: ModelConfig, a: int, cp: int) -> dict[str, Items]:
+    """What context parallelism adds per local token (deltatron/parallel/cp_kda.py, the MLA path
+    of deltatron/model/mla.py): MLA keeps the all-gathered K|V of the whole row (cp x the local
+    tokens) for its backward; KDA runs its kernel with K extra fp32 value columns (the slice's
+    state map), so its fp32 value input and output are V + K wide."""
+    if cp == 1:
+        return {}
+    n, qk = cfg.mla_num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    hk = cfg.kda_num_heads * cfg.kda_head_dim
+    return {
+        "mla": Items(sharded=cp * a * n * (qk + cfg.v_head_dim)),
+        "kda": Items(sharded=4 * 2 * (hk + hk)),
+    }
+
+
 def _mlp_items(cfg: ModelConfig, a: int) -> Items:
     """SwiGLU MLP (megatron-core's MLP): the pre-norm's tensors (`_norm`) and its output (fc1's
     input); fc1's output (gate and up), two ffn-wide tensors of megatron-core's glu and fc2's
@@ -409,6 +429,7 @@ def build_plan(
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={precision!r}: plan bf16 (GPU training) or fp32")
     par.validate(world, model)
+    par.validate_sequence(seq_length, micro_batch_size, model)
     if par.ep > 1 and par.tp > 1 and not par.sequence_parallel and model.first_k_dense < model.num_layers:
         raise ValueError(
             f"parallel.ep={par.ep} with parallel.tp={par.tp} needs parallel.sequence_parallel=true "
@@ -433,6 +454,9 @@ def build_plan(
         "kda": _kda_items(model, a, documents), "mla": _mla_items(model, a),
         "mlp": _mlp_items(model, a), "moe": _moe_items(model, a),
     }
+    for kind, extra in _context_parallel_items(model, a, cp).items():
+        base = items[kind]
+        items[kind] = Items(base.replicated, base.sharded + extra.sharded, base.full, base.routed)
     tokens = micro_batch_size * seq_length / cp  # tokens of one micro-batch on this TP group
     local_tokens = tokens / (t if sp else 1)  # of the residual stream on this rank
     k_routed = model.moe_topk * memory.moe_imbalance
@@ -536,8 +560,11 @@ def build_plan(
             "dense": rates.dense, "attention": rates.attention, "kda": rates.kda,
             "experts": rates.experts * per_expert / (per_expert + rates.experts_half_tokens),
         }
+        # contiguous CP slices: the last rank's queries see the most keys, (2 cp - 1) / cp x the
+        # mean causal attention work within one long document (the slowest rank sets the pace)
+        imbalance = {"experts": memory.moe_imbalance, "attention": (2 * cp - 1) / cp}
         compute = sum(
-            v * work_tokens * scale * (memory.moe_imbalance if key == "experts" else 1.0) / (rate[key] * 1e12)
+            v * work_tokens * scale * imbalance.get(key, 1.0) / (rate[key] * 1e12)
             for key, v in flops.items()
         )
         subs = [kinds[2 * i + j] for i in rm.layers for j in (0, 1)]
@@ -551,7 +578,18 @@ def build_plan(
             bw = gpu.nvlink_gbps if par.ep * etp <= gpu.gpus_per_node else gpu.network_gbps
             per_layer = 4 * k_routed * a * model.hidden_size * local_tokens * (par.ep - 1) / par.ep
             ep_comm = subs.count("moe") * per_layer / (bw * 1e9)
-        return {"compute": compute, "tensor-parallel": tp_comm, "expert all-to-all": ep_comm}
+        cp_comm = 0.0
+        if cp > 1 and "mla" in subs:
+            # all-gather of K|V of the whole row per MLA layer, reduce-scatter of dK|dV backward;
+            # CP groups are consecutive after TP, inside a node while tp x cp fits one
+            bw = gpu.nvlink_gbps if t * cp <= gpu.gpus_per_node else gpu.network_gbps
+            qk = model.qk_nope_head_dim + model.qk_rope_head_dim
+            row = micro_batch_size * seq_length * a * model.mla_num_heads / t * (qk + model.v_head_dim)
+            cp_comm = subs.count("mla") * 2 * row * (cp - 1) / cp / (bw * 1e9)
+        return {
+            "compute": compute, "tensor-parallel": tp_comm, "expert all-to-all": ep_comm,
+            "context-parallel": cp_comm,
+        }
 
     per_rank = [rank_seconds(rm) for rm in ranks]
     slowest = max(range(pp), key=lambda i: sum(per_rank[i].values()))
@@ -581,6 +619,7 @@ def build_plan(
         "compute": micro["compute"] * num_microbatches,
         "tensor-parallel comm": micro["tensor-parallel"] * num_microbatches,
         "expert all-to-all": micro["expert all-to-all"] * num_microbatches,
+        "context-parallel comm": micro["context-parallel"] * num_microbatches,
         "pipeline bubble": bubble,
         "data-parallel comm (exposed)": dp_time,
         "optimizer step": opt_time,
