@@ -104,6 +104,25 @@ def test_slices_combined_match_one_pass(ranks, cu):
         assert torch.allclose(a, b, atol=1e-5), f"d{name}: {(a - b).abs().max()}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run compiled on a CUDA GPU")
+def test_slices_combined_with_the_triton_kernels():
+    """The combine through the Triton backend (state maps from V + K value columns, K = V = 128 as
+    in Kimi Linear: 256 columns, the kernels' limit) against the naive recurrence."""
+    total, dk = 1024, 128
+    cu = torch.tensor([0, 100, 300, 700, 1024], dtype=torch.int32)
+    inputs = [x.detach().cuda() for x in _inputs(total, heads=2, dk=dk, dv=dk)]
+    want, _ = naive_recurrent_kda(*inputs, cu_seqlens=cu.cuda())
+    slices = [slice_for_rank(cu, total, r, 4, device="cuda") for r in range(4)]
+    passes = [
+        local_slice_pass(*(x[:, cp.start : cp.start + cp.length] for x in inputs), cp, backend="triton")
+        for cp in slices
+    ]
+    maps = torch.stack([p[2] for p in passes])
+    states = prefix_states(maps[..., :dk], maps[..., dk:])
+    got = torch.cat([apply_incoming_state(p[0], p[1], s) for p, s in zip(passes, states)], dim=1)
+    assert torch.allclose(got, want, atol=2e-4), (got - want).abs().max()
+
+
 # ---------------------------------------------------------------------------- CP training parity
 # Every CP layout trains from the same initial weights on the same batches as one process (one
 # micro-batch a single document over all slice edges, one with document boundaries across, at
