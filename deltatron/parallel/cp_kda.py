@@ -86,21 +86,23 @@ def local_slice_pass(
 
     q, k, g: [1, L, H, K]; v: [1, L, H, V]; beta: [1, L, H] (the slice's tokens, one packed row).
     Returns
-        o_zero   [1, L, H, V] fp32: the output with a zero incoming state;
-        readout  [1, F, H, K] fp32: scale T_{<=t}^T q_t over the first piece's F tokens (None when
-                 the slice starts a document: nothing comes in);
+        o_zero   [1, L, H, V] in v's dtype: the output with a zero incoming state;
+        readout  [1, F, H, K] in v's dtype: scale T_{<=t}^T q_t over the first piece's F tokens
+                 (None when the slice starts a document: nothing comes in);
         slice_map [H, K, K + V] fp32: (T | B), T = 0 unless the whole slice continues one document.
     """
     _, length, heads, dk = q.shape
     dv = v.shape[-1]
     cu = cp.local_cu_seqlens
     if cp.carries_in:
-        # extra value columns: v = 0, initial state = identity in the first piece only
-        v_run = torch.cat([v.float(), v.new_zeros((1, length, heads, dk), dtype=torch.float32)], -1)
+        # extra value columns: v = 0, initial state = identity in the first piece only. They keep
+        # v's dtype (one input dtype keeps the Triton kernels on their fast path); the state map
+        # itself comes out of the kernel in fp32.
+        v_run = torch.cat([v, v.new_zeros((1, length, heads, dk))], -1)
         init = torch.zeros((cp.num_pieces, heads, dk, dv + dk), dtype=torch.float32, device=q.device)
         init[0, :, :, dv:] = torch.eye(dk, device=q.device)
     else:
-        v_run, init = v.float(), None
+        v_run, init = v, None
     o_run, final = kda(
         q, k, v_run, g, beta, scale=scale, initial_state=init, output_final_state=True,
         cu_seqlens=cu, backend=backend, chunk_size=chunk_size,
@@ -119,12 +121,13 @@ def apply_incoming_state(
     o_zero: torch.Tensor, readout: Optional[torch.Tensor], state_in: torch.Tensor
 ) -> torch.Tensor:
     """The slice's output for its true incoming state: o_zero [1, L, H, V] plus readout [1, F, H, K]
-    times state_in [H, K, V] on the first piece's F tokens (fp32)."""
+    times state_in [H, K, V] on the first piece's F tokens, added in fp32 -> o_zero's dtype."""
     if readout is None:
         return o_zero
     first = readout.shape[1]
-    correction = torch.einsum("bthk,hkv->bthv", readout, state_in)
-    return torch.cat([o_zero[:, :first] + correction, o_zero[:, first:]], dim=1)
+    correction = torch.einsum("bthk,hkv->bthv", readout.float(), state_in.float())
+    head = (o_zero[:, :first].float() + correction).to(o_zero.dtype)
+    return torch.cat([head, o_zero[:, first:]], dim=1)
 
 
 def kda_context_parallel(
@@ -132,7 +135,8 @@ def kda_context_parallel(
     cp: CPSlice, *, backend: str = "torch", chunk_size: int = 64, scale: Optional[float] = None,
 ) -> torch.Tensor:
     """KDA over a sequence split contiguously over cp.group; shapes as `local_slice_pass`.
-    Returns this rank's o [1, L, H, V] in v's dtype, equal to the single-process run's slice."""
+    Returns this rank's o [1, L, H, V] in v's dtype, equal to the single-process run's slice
+    (in fp32; in 16-bit to the rounding of the output itself)."""
     o_zero, readout, slice_map = local_slice_pass(
         q, k, v, g, beta, cp, backend=backend, chunk_size=chunk_size, scale=scale
     )
@@ -143,7 +147,7 @@ def kda_context_parallel(
     # Only the states entering this rank are needed: scan up to it (later maps get zero gradient).
     state_in = prefix_states(maps[: cp.rank + 1, ..., :dk], maps[: cp.rank + 1, ..., dk:])[-1]
     o = apply_incoming_state(o_zero, readout, state_in)
-    return _AlsoDependOn.apply(o, maps).to(v.dtype)
+    return _AlsoDependOn.apply(o, maps)
 
 
 def conv_halo(x: torch.Tensor, rows: int, cp: CPSlice) -> torch.Tensor:
