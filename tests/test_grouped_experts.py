@@ -7,6 +7,8 @@ spec by default, and keep SequentialMLP's checkpoint keys.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -81,3 +83,36 @@ def test_sequential_experts_when_grouped_gemm_is_off(seeded):
     model = build_model(ModelConfig(moe_grouped_gemm=False))
     experts = [m for m in model.modules() if isinstance(m, SequentialMLP)]
     assert experts and not any(isinstance(m, GroupedGemmExperts) for m in experts)
+
+
+def test_backward_restacks_instead_of_keeping_the_stacked_weights():
+    """Autograd keeps the expert parameters, not the stacked copy; gradients are unchanged."""
+    import gc
+    import weakref
+
+    from deltatron.model.grouped_experts import restacked_in_backward
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 5, generator=g)) for _ in range(3)]
+    x = torch.randn(3, 6, 5, generator=g)
+
+    def loss(hooked: bool):
+        xs = x.clone().requires_grad_()
+        stacked = torch.stack(params)  # [E, 4, 5]
+        with restacked_in_backward({stacked: params}) if hooked else contextlib.nullcontext():
+            # the whole stack transposed, and a view at a non-zero offset
+            y = torch.bmm(xs, stacked.transpose(-2, -1)).square().sum() + (xs[0] @ stacked[1].t()).sum()
+        return y, xs, weakref.ref(stacked)
+
+    ref_loss, ref_x, _ = loss(False)
+    ref_loss.backward()
+    ref_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    hooked_loss, hooked_x, stacked = loss(True)
+    gc.collect()
+    assert stacked() is None, "the stacked copy is still held by the graph"
+    hooked_loss.backward()
+    torch.testing.assert_close(hooked_x.grad, ref_x.grad)
+    for p, want in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, want)
