@@ -52,7 +52,8 @@ def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
     outs, seconds = timed_steps(trainer, steps)
     iteration_ms = [1e3 * t for t in seconds]
     losses = [o["loss"] for o in outs]
-    metrics = outs[-1].get("optim_metrics", {})
+    # QK-clip's statistics of the last step (read on log steps only; timed_steps does not log)
+    metrics = trainer.optimizer.log_step_metrics() if hasattr(trainer.optimizer, "log_step_metrics") else {}
     timed = slice(warmup, None)
     return {
         "step_ms": statistics.mean(step_ms[timed]),

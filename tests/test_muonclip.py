@@ -358,6 +358,8 @@ def test_qk_clip_factors_match_megatron_clip_qk(process_groups):
     clip = QKClip([attn], 1.0, ps.get_data_parallel_group(), ps.get_model_parallel_group())
     (factors,) = clip.factors()
     assert factors.gamma.tolist() == [0.25, 1.0]
+    # every layer is scaled on every step: an unclipped head's factors are exactly 1 (same bits)
+    assert (factors.q_rows.view(2, -1)[1] == 1).all() and (factors.kv_rows.view(2, -1)[1] == 1).all()
     torch.testing.assert_close(q0 * factors.q_rows[:, None], q_meg)
     torch.testing.assert_close(kv0 * factors.kv_rows[:, None], kv_meg)
     assert attn.core_attention.current_max_attn_logits is None  # reset for the next step
@@ -394,13 +396,14 @@ def test_qk_clip_brings_offending_heads_to_tau(tmp_path, process_groups):
     trainer.optimizer.qk_clip.tau = tau
     weights = {n: p.detach().clone() for n, p in attn.named_parameters()}
 
-    out = trainer.train_step(batches)
+    trainer.train_step(batches)  # not a log step: the clip acts, its statistics wait on the device
+    metrics = trainer.optimizer.log_step_metrics()
 
     after = _record_max_logits(trainer, batches)
     torch.testing.assert_close(after[0], torch.tensor(tau), rtol=1e-4, atol=0)
     torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=0)
-    assert out["optim_metrics"]["optim/qk_clipped_heads/layer4"] == 1
-    assert out["optim_metrics"]["optim/qk_max_logit/layer4"] == pytest.approx(before[0].item())
+    assert metrics["optim/qk_clipped_heads/layer4"] == 1
+    assert metrics["optim/qk_max_logit/layer4"] == pytest.approx(before[0].item())
     gamma = tau / before[0].item()
     new = {n: p.detach() for n, p in attn.named_parameters()}
     q_old, q_new = (w["linear_q_proj.weight"].view(2, q_head, -1) for w in (weights, new))

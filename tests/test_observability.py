@@ -14,12 +14,14 @@ import os
 import re
 import statistics
 import struct
+import sys
 import time
 
 import pytest
 import torch
 
 from conftest import REPO, train_in_process
+from distributed import run_distributed
 
 from deltatron.train.namespaces import METRIC_NAMESPACES
 
@@ -192,6 +194,118 @@ def test_dashboard_spec_covers_every_namespace():
     assert workspace._to_model().spec  # serialises as wandb would save it
 
 
+# Code that exists to produce metrics ("path:qualified name" prefixes), wherever it runs: model
+# hooks, the trainer's log-step helpers, the optimizer's QK-clip statistics.
+METRIC_CODE = (
+    "deltatron/train/metrics.py:", "deltatron/train/monitor.py:", "deltatron/train/qk_clip.py:QKClip.stats",
+    "deltatron/train/muonclip.py:MuonClipOptimizer.log_step_metrics",
+    "deltatron/train/trainer.py:Trainer._log_step_metrics", "deltatron/train/trainer.py:Trainer._optimizer_metrics",
+    "deltatron/train/trainer.py:Trainer._handoff_bytes", "deltatron/model/attnres.py:DepthMetrics",
+    "deltatron/model/attnres.py:collect_depth_metrics", "deltatron/model/attnres.py:_record_standard_output",
+)
+
+# The training loop's own reads, needed whether or not the step logs: the reduced loss (the
+# bad-step guard decides on it), the finite-gradient verdict, and MuonClip's global gradient norm
+# (clipping scales by it). The model's forward and backward read a few values of their own
+# (packed-document offsets, MoE split sizes); those are not metrics and not listed here.
+STEP_READS = {
+    "deltatron/train/trainer.py:Trainer._mean_loss",
+    "deltatron/train/trainer.py:Trainer._bad_step_reason",
+    "deltatron/train/muonclip.py:MuonClipOptimizer._clip_gradients",
+}
+
+
+class HostReads:
+    """Records, while active, every read of tensor values back to the host: `sites` names the
+    innermost deltatron function of each ("path:qualified name"; for a read inside megatron-core,
+    the deltatron code that called it), `metric_sites` those with METRIC_CODE anywhere on the
+    stack. On a GPU each read is a device sync; on CPU reads cost nothing, so they are counted
+    here rather than timed.
+
+    Reads caught: item/bool/float/int (aten._local_scalar_dense), nonzero, masked_select and
+    boolean-mask indexing (their output size needs the values), through a dispatch mode; tolist,
+    cpu and numpy through patched Tensor methods. `.to("cpu")` cannot be told from a no-op on a
+    CPU machine and is not caught.
+    """
+
+    _DATA_DEPENDENT = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.sites: set[str] = set()
+        self.metric_sites: set[str] = set()
+        self.originals = {method: getattr(torch.Tensor, method) for method in ("tolist", "cpu", "numpy")}
+        reads = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                if name in HostReads._DATA_DEPENDENT or (
+                    name == "aten.index" and any(t is not None and t.dtype == torch.bool for t in args[1])
+                ):
+                    reads.record()
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def record(self) -> None:
+        root = os.path.join(REPO, "deltatron") + os.sep
+        stack = []  # deltatron frames, innermost first; generator expressions stand for their caller
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename.startswith(root) and not code.co_name.startswith("<"):
+                stack.append(f"{os.path.relpath(code.co_filename, REPO)}:{code.co_qualname}")
+            frame = frame.f_back
+        where = stack[0] if stack else "outside deltatron"
+        self.sites.add(where)
+        if any(site.startswith(METRIC_CODE) for site in stack):
+            self.metric_sites.add(where)
+
+    def __enter__(self):
+        for method, original in self.originals.items():
+
+            def patched(tensor, *args, __original=original, **kwargs):
+                self.record()
+                return __original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, method, patched)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for method, original in self.originals.items():
+            setattr(torch.Tensor, method, original)
+
+
+def test_non_log_steps_read_nothing_back_for_metrics(run):
+    """A non-log step of the fixture's trainer (MuonClip with QK-clip, AttnRes, MoE, KDA, a blend)
+    reads nothing back inside metric code, and the training loop only where training needs it;
+    a log step adds its metric reads (which shows the recorder sees them)."""
+    _, _, trainer = run
+    batches = iter(trainer.data.train_batches())
+
+    def step_reads(log_step: bool) -> HostReads:
+        batch = [next(batches) for _ in range(trainer.num_microbatches)]
+        trainer._log_step = log_step
+        try:
+            with HostReads() as reads:
+                out = trainer.train_step(batch)
+        finally:
+            trainer._log_step = False
+        assert out["update_ok"]
+        return reads
+
+    quiet = step_reads(log_step=False)
+    assert not quiet.metric_sites
+    assert {s for s in quiet.sites if s.startswith("deltatron/train/")} <= STEP_READS, quiet.sites
+    logged = step_reads(log_step=True)
+    assert {"deltatron/train/metrics.py:grad_norms_by_group", "deltatron/train/qk_clip.py:QKClip.stats",
+            "deltatron/train/trainer.py:Trainer._log_step_metrics"} <= logged.metric_sites
+
+
 def test_logging_costs_under_two_percent_on_non_log_steps(run, tmp_path):
     """Step time of non-log steps with the logging machinery (host timers, progress hook, the
     per-step flags) against the same trainer with it patched out, in one process. (MoE/KDA probes,
@@ -257,3 +371,85 @@ def test_logging_costs_under_two_percent_on_non_log_steps(run, tmp_path):
     monitor.close()
     print(f"logging overhead per non-log step, per round: {overheads}")
     assert min(overheads) < 0.02, f"logging overhead per non-log step: {overheads}"
+
+
+# parameters named as megatron-core's models name them, one per gradient group, of sizes that
+# put shard boundaries inside parameters
+GRAD_SHAPES = {
+    "embedding.word_embeddings.weight": (37, 5),
+    "decoder.layers.0.self_attention.linear_qkv.weight": (23, 7),
+    "decoder.layers.0.mlp.router.weight": (4, 7),
+    "decoder.layers.0.mlp.experts.linear_fc1.weight": (19, 3),
+    "decoder.layers.0.mlp.linear_fc1.weight": (13, 11),
+    "decoder.final_layernorm.weight": (9,),
+}
+
+
+def _module_with(shapes: dict) -> torch.nn.Module:
+    """A module whose parameters have these dotted names and shapes (routed experts marked as
+    the trainer marks them: reduced over the expert data-parallel group)."""
+    root = torch.nn.Module()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        param = torch.nn.Parameter(torch.zeros(shape))
+        if ".experts." in name:
+            param.allreduce = False
+        module.register_parameter(leaf, param)
+    return root
+
+
+def _sharded_grad_norm_job(rank: int, world_size: int) -> dict:
+    """Two data-parallel ranks, megatron-core DDP laid out for the distributed optimizer (small
+    buckets, several per buffer). Every rank's buffers first hold the same reduced gradient G:
+    the whole-gradient norms must equal G's. Then each rank's buffers hold G only on the shard
+    megatron-core's reduce-scatter would leave reduced there (its own `shard_buffer`) and garbage
+    elsewhere: the sharded norms must still equal G's, the whole-gradient ones not."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+    from megatron.core.transformer import TransformerConfig
+
+    from deltatron.parallel.setup import init_process_groups
+    from deltatron.train.metrics import grad_norms_by_group, param_group
+
+    init_process_groups(seed=0)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+    ddp_config = DistributedDataParallelConfig(  # megatron-core buckets only with overlapped reduction
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=200,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=_module_with(GRAD_SHAPES))
+    buffers = ddp.buffers + ddp.expert_parallel_buffers
+    generator = torch.Generator().manual_seed(7)  # the same G on both ranks
+    reduced = [torch.randn(b.grad_data.shape, generator=generator) for b in buffers]
+    for buffer, grad in zip(buffers, reduced):
+        buffer.grad_data.copy_(grad)
+    expected_sq: dict[str, float] = {}
+    for name, p in ddp.named_parameters():
+        key = f"optim/grad_norm/{param_group(name)}"
+        expected_sq[key] = expected_sq.get(key, 0.0) + float(p.main_grad.double().pow(2).sum())
+    whole = grad_norms_by_group([ddp])
+
+    for buffer, grad in zip(buffers, reduced):
+        buffer.grad_data.add_(100.0 * (rank + 1))  # unreduced elsewhere: differs between ranks
+        group = buffer.data_parallel_group
+        for bucket in buffer.buckets:
+            full = grad[bucket.offset : bucket.offset + bucket.grad_data.numel()]
+            shard_buffer(bucket.grad_data, group.size())[group.rank()].copy_(shard_buffer(full, group.size())[group.rank()])
+    return dict(
+        expected={k: v**0.5 for k, v in expected_sq.items()}, whole=whole,
+        sharded=grad_norms_by_group([ddp], sharded=True), whole_on_shards=grad_norms_by_group([ddp]),
+        buckets=sum(len(b.buckets) for b in buffers),
+    )
+
+
+def test_grad_norms_by_group_from_distributed_optimizer_shards():
+    result = run_distributed(_sharded_grad_norm_job, 2)[0]
+    expected = result["expected"]
+    assert len(expected) == 6 and result["buckets"] > 2  # every group; several buckets
+    assert result["whole"] == pytest.approx(expected, rel=1e-9)
+    assert result["sharded"] == pytest.approx(expected, rel=1e-9)
+    assert result["whole_on_shards"] != pytest.approx(expected, rel=1e-3)  # the shard layout matters

@@ -530,6 +530,7 @@ def collect_depth_metrics(model_chunks, group=None) -> dict[str, float]:
     flat = torch.cat([total.weight_sum.flatten(), total.tokens, total.sq_sum, total.elements])
     if dist.is_initialized():
         dist.all_reduce(flat, group=group)
+    flat = flat.cpu()  # one device-to-host read; the per-entry tests and divisions below run on the host
     rows, cols = total.weight_sum.shape
     sub = total.sq_sum.numel()
     weight_sum, tokens, sq_sum, elements = flat.split([rows * cols, rows, sub, sub])

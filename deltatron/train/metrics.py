@@ -4,8 +4,10 @@ group, the step-time split and the per-rank straggler/memory signal.
 Everything here follows one rule: nothing touches the device or the network on a step that does
 not log. Model probes are forward hooks installed for the log step only (`ModelProbes.start`) and
 accumulate into device tensors; `ModelProbes.collect` reduces all of them in one all-reduce (plus
-one MAX all-reduce for the router bias range) on the log step. Host timers are `perf_counter`
-reads; the per-rank numbers are one all_gather of a few floats per log step.
+one MAX all-reduce for the router bias range) on the log step and reads them back in one transfer.
+Gradient norms per group are one all-reduce and one read on the log step, from whole reduced
+gradients or, under the distributed optimizer, from each rank's own shard of them. Host timers are
+`perf_counter` reads; the per-rank numbers are one all_gather of a few floats per log step.
 
 The metric names form one namespace, `METRIC_NAMESPACES` (deltatron.train.namespaces), documented
 in the README's "Observability" section; the dashboard (deltatron.train.dashboard) is built from
@@ -15,6 +17,7 @@ it.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -141,8 +144,9 @@ class ModelProbes:
             dist.all_reduce(flat)
             dist.all_reduce(bias, op=dist.ReduceOp.MAX)
         L, E = self.num_layers, self.num_experts
-        tokens, changed, kda = flat.cpu().split([L * E, L * 2, L * 4])
-        tokens, changed, kda, bias = tokens.view(L, E), changed.view(L, 2), kda.view(L, 4), bias.cpu().view(L, 2)
+        # one device-to-host read for everything
+        tokens, changed, kda, bias = torch.cat([flat, bias.double()]).cpu().split([L * E, L * 2, L * 4, L * 2])
+        tokens, changed, kda, bias = tokens.view(L, E), changed.view(L, 2), kda.view(L, 4), bias.view(L, 2)
         out: dict[str, object] = {}
         worst = 0.0
         for layer in range(L):
@@ -187,39 +191,76 @@ def param_group(name: str) -> str:
 GRAD_GROUPS = ("embedding", "attention", "router", "experts", "mlp", "other")
 
 
-def grad_norms_by_group(model_chunks: list) -> dict[str, float]:
-    """optim/grad_norm/{group}: L2 norms of the reduced gradients (before clipping), one collective.
+def shard_range(bucket_numel: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """[start, end) of a grad bucket that data-parallel rank `dp_rank` reduces under the
+    distributed optimizer: megatron-core's `shard_buffer` cuts each bucket (padded to a multiple
+    of dp_size) into dp_size equal contiguous pieces, and its reduce-scatter leaves the reduced
+    gradient of piece r on rank r only."""
+    size = bucket_numel // dp_size
+    return dp_rank * size, (dp_rank + 1) * size
 
-    Needs every rank to hold its parameters' fully reduced gradients (`main_grad`), as after
-    megatron-core DDP's all-reduce; under the distributed optimizer each rank holds only its shard
-    reduced and the caller skips this. Tensor-parallel duplicates count once; the world all-reduce
-    counts every data-parallel replica, so each sum is divided by its replica count.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    dense = torch.zeros(len(GRAD_GROUPS), dtype=torch.float64)
-    expert = torch.zeros(len(GRAD_GROUPS), dtype=torch.float64)
-    device = None
+def owned_grad(main_grad: torch.Tensor, param_range: tuple[int, int], shard: tuple[int, int]) -> torch.Tensor:
+    """The elements of a parameter's gradient (flattened) that lie in this rank's shard; empty if
+    none. param_range and shard are [start, end) offsets in the same bucket (`bucket.param_to_index`
+    and `shard_range`); a parameter may straddle shard boundaries, so any part of it can be owned."""
+    lo, hi = max(param_range[0], shard[0]), min(param_range[1], shard[1])
+    start = param_range[0]
+    return main_grad.view(-1)[max(lo - start, 0) : max(hi - start, 0)]
+
+
+def _whole_grads(model_chunks: list):
+    """(name, param, reduced gradient, is expert) per parameter after DDP's all-reduce."""
     for chunk in model_chunks:
         for name, p in chunk.named_parameters():
             grad = getattr(p, "main_grad", None)
             if grad is None:
                 grad = p.grad
-            if grad is None or not param_is_not_tensor_parallel_duplicate(p):
-                continue
-            if device is None:
-                device = grad.device
-                dense, expert = dense.to(device), expert.to(device)
-            target = expert if not getattr(p, "allreduce", True) else dense
-            target[GRAD_GROUPS.index(param_group(name))] += grad.detach().double().pow(2).sum()
-    both = torch.stack([dense, expert])
+            if grad is not None:
+                yield name, p, grad, not getattr(p, "allreduce", True)
+
+
+def _owned_grad_shards(model_chunks: list):
+    """(name, param, the reduced gradient elements this rank owns, is expert) per parameter part
+    under the distributed optimizer, walking megatron-core DDP's grad buffers (dense and expert,
+    each sharded over its own data-parallel group) bucket by bucket."""
+    for chunk in model_chunks:
+        names = {p: n for n, p in chunk.named_parameters()}
+        for expert, buffers in ((False, chunk.buffers), (True, chunk.expert_parallel_buffers)):
+            for buffer in buffers:
+                group = buffer.data_parallel_group
+                for bucket in buffer.buckets:
+                    shard = shard_range(bucket.grad_data.numel(), group.rank(), group.size())
+                    for p in bucket.params_list:
+                        yield names[p], p, owned_grad(p.main_grad, bucket.param_to_index[p], shard), expert
+
+
+def grad_norms_by_group(model_chunks: list, sharded: bool = False) -> dict[str, float]:
+    """optim/grad_norm/{group}: L2 norms of the reduced gradients (before clipping); one
+    all-reduce and one device-to-host read. Call after the gradient reduction, before the step.
+
+    sharded=False (megatron-core DDP all-reduces): every rank holds its parameters' whole reduced
+    gradients (`main_grad`); the world all-reduce counts each data-parallel replica, so each sum is
+    divided by its replica count. sharded=True (the distributed optimizer reduce-scatters): each
+    rank holds the reduced values only on its shard of each grad bucket and sums just those, so
+    every element is counted once, by its owner. Tensor-parallel duplicates count once either way.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    device = next(p.device for chunk in model_chunks for p in chunk.parameters())
+    sums = torch.zeros(2, len(GRAD_GROUPS), dtype=torch.float64, device=device)  # [dense/expert, group] squared sums
+    grads = _owned_grad_shards(model_chunks) if sharded else _whole_grads(model_chunks)
+    for name, p, grad, expert in grads:
+        if param_is_not_tensor_parallel_duplicate(p):
+            sums[int(expert), GRAD_GROUPS.index(param_group(name))] += grad.detach().double().pow(2).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(both)
-        both[0] /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-        both[1] /= parallel_state.get_expert_data_parallel_world_size()
-    sq = both.sum(0).cpu()
-    return {f"optim/grad_norm/{g}": float(sq[i].sqrt()) for i, g in enumerate(GRAD_GROUPS) if sq[i] > 0}
+        dist.all_reduce(sums)
+        if not sharded:
+            sums[0] /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+            sums[1] /= parallel_state.get_expert_data_parallel_world_size()
+    sq = sums.sum(0).cpu().tolist()
+    return {f"optim/grad_norm/{g}": math.sqrt(sq[i]) for i, g in enumerate(GRAD_GROUPS) if sq[i] > 0}
 
 
 # ----------------------------------------------------------------------------------- timers, ranks

@@ -41,7 +41,7 @@ from deltatron.parallel.muon_sharding import (
 from deltatron.train.config import OptimConfig
 from deltatron.train.muon_params import Block, FusedLayout, ParamSpec, classify, summarize
 from deltatron.train.newton_schulz import muon_update_scale, newton_schulz
-from deltatron.train.qk_clip import QKClip, mla_attentions
+from deltatron.train.qk_clip import LayerClip, QKClip, mla_attentions
 
 
 @dataclass
@@ -115,7 +115,7 @@ class MuonClipOptimizer:
         self.num_sublayers = num_sublayers
         self.steps = 0
         self._ns_dtype = getattr(torch, cfg.muon_ns_dtype)
-        self.metrics: dict[str, float] = {}
+        self._qk_clips: list[LayerClip] = []  # the last step's factors, read by log_step_metrics
         base = dict(lr=cfg.lr, min_lr=cfg.min_lr, max_lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.param_groups = [
             dict(name="muon", params=[], wd_mult=1.0, default_config=True, **base),
@@ -205,7 +205,7 @@ class MuonClipOptimizer:
         owned = [e for e in self.entries if e.owned]
         self._apply_muon([e for e in owned if e.spec.optimizer == "muon"], updates)
         self._apply_adamw([e for e in owned if e.spec.optimizer == "adamw"])
-        self.metrics = self._apply_qk_clip() if self.qk_clip is not None else {}
+        self._qk_clips = self._apply_qk_clip() if self.qk_clip is not None else []
         separate = [e for e in owned if e.separate_master]
         if separate:
             torch._foreach_copy_([e.param.data for e in separate], [e.master for e in separate])
@@ -417,18 +417,27 @@ class MuonClipOptimizer:
             torch._foreach_add_(denom, cfg.eps)
             torch._foreach_addcdiv_(masters, m, denom, value=-lr / bias1)
 
-    def _apply_qk_clip(self) -> dict[str, float]:
+    def _apply_qk_clip(self) -> list[LayerClip]:
+        """Scale the owned q/kv masters of every MLA layer by its row factors, on every step. The
+        factors of unclipped heads are exactly 1, so scaling every layer gives the same bits as
+        scaling only clipped ones, without reading "is anything clipped?" back to the host."""
         clips = self.qk_clip.factors()
         for c in clips:
-            if not c.clipped:
-                continue
             for weight, rows in ((c.q_weight, c.q_rows), (c.kv_weight, c.kv_rows)):
                 e = self._by_param.get(id(weight))
                 if e is None:
                     raise RuntimeError(f"QK-clip: MLA layer {c.layer_number}'s weight is not in the optimizer")
                 if e.owned:
                     e.master.mul_(rows[:, None].to(e.master.dtype))
-        return self.qk_clip.stats(clips, self.num_sublayers)
+        return clips
+
+    def log_step_metrics(self) -> dict[str, float]:
+        """optim/qk_max_logit/layer{N} and optim/qk_clipped_heads/layer{N} of the last step; a
+        collective over the QK-clip stats group that reads back to the host, so every rank calls
+        it on log steps only. {} without QK-clip."""
+        if self.qk_clip is None:
+            return {}
+        return self.qk_clip.stats(self._qk_clips, self.num_sublayers)
 
 
 def build_muonclip(model_chunks: list, cfg: OptimConfig) -> MuonClipOptimizer:

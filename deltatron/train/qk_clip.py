@@ -2,7 +2,9 @@
 
 The core attention records each head's largest attention logit S_max over the step (our
 `SDPACoreAttention`, or TE's, sets megatron-core's `current_max_attn_logits`, [local heads]).
-After the optimizer step, every head with S_max > tau gets gamma = tau / S_max and
+After the optimizer step, every head with S_max > tau gets gamma = tau / S_max (every other
+head gamma = 1, so the scaling below leaves it bit for bit as it was and the clip decision never
+leaves the device) and
 
 * its query rows of the non-shared ("nope") part in `linear_q_proj` are scaled by sqrt(gamma),
 * its query rows of the shared-key ("rope", unrotated under NoPE) part by gamma,
@@ -44,10 +46,6 @@ class LayerClip:
     max_logits: torch.Tensor  # [n_local], after the data-parallel max
     q_rows: torch.Tensor
     kv_rows: torch.Tensor
-
-    @property
-    def clipped(self) -> bool:
-        return bool((self.gamma < 1).any())
 
 
 def clip_factors(max_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -119,7 +117,8 @@ class QKClip:
 
     def stats(self, clips: list[LayerClip], num_sublayers: int) -> dict[str, float]:
         """Per layer: max logit and number of clipped heads, over all TP/PP ranks (collective
-        over stats_group). Keys use Kimi layer numbers (two hybrid sub-layers per layer)."""
+        over stats_group; for log steps: it reads the result back to the host). Keys use Kimi
+        layer numbers (two hybrid sub-layers per layer)."""
         device = clips[0].gamma.device if clips else torch.device("cpu")
         if torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
@@ -131,9 +130,10 @@ class QKClip:
         if self.stats_group.size() > 1:
             dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=self.stats_group)
             dist.all_reduce(clipped, group=self.stats_group)
+        max_logit, clipped = torch.stack([max_logit, clipped]).cpu()  # one device-to-host read
         out = {}
         for i in torch.nonzero(torch.isfinite(max_logit)).flatten().tolist():
             layer = i // 2 + 1
-            out[f"optim/qk_max_logit/layer{layer}"] = max_logit[i].item()
-            out[f"optim/qk_clipped_heads/layer{layer}"] = int(clipped[i].item())
+            out[f"optim/qk_max_logit/layer{layer}"] = float(max_logit[i])
+            out[f"optim/qk_clipped_heads/layer{layer}"] = int(clipped[i])
         return out

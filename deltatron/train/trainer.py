@@ -327,7 +327,8 @@ class Trainer:
     def train_step(self, batches: list) -> dict:
         """One optimizer step over these micro-batches. A step whose loss or gradients are not
         finite (or whose loss spikes, with train.loss_spike_factor) updates nothing. On a log step
-        (fit sets `_log_step`) it also returns per-group gradient norms and per-dataset losses."""
+        (fit sets `_log_step`) it also returns per-group gradient norms, per-dataset losses and
+        the optimizer's metrics; other steps read nothing back for metrics."""
         t0 = time.perf_counter()
         for m in self.model:
             m.zero_grad_buffer()
@@ -353,15 +354,20 @@ class Trainer:
             "update_ok": bool(update_ok),
             "skipped": bad,
             "lr": lr,
-            "optim_metrics": dict(getattr(self.optimizer, "metrics", {})),  # MuonClip's QK-clip stats
+            "optim_metrics": self._optimizer_metrics() if self._log_step else {},
             "step_metrics": step_metrics,
         }
 
+    def _optimizer_metrics(self) -> dict:
+        """The optimizer's own log-step metrics (MuonClip: QK-clip's max logits and clipped heads),
+        read after its step; megatron-core's optimizers have none."""
+        read = getattr(self.optimizer, "log_step_metrics", None)
+        return read() if read is not None else {}
+
     def _log_step_metrics(self, loss_dicts: list) -> dict:
         """optim/grad_norm/{group} (reduced gradients, before clipping) and data/loss/{dataset}."""
-        out = {}
-        if not self.distributed_optimizer:  # its ranks hold only their shard of the reduced grads
-            out.update(grad_norms_by_group(self.model))
+        # the distributed optimizer's ranks hold only their shard of the reduced gradients
+        out = grad_norms_by_group(self.model, sharded=self.distributed_optimizer)
         if len(self.dataset_names) > 1:
             n = len(self.dataset_names)
             per_ds = torch.zeros(n * 2, dtype=torch.float64, device=self.device)
