@@ -13,6 +13,11 @@ if REPO not in sys.path:
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# megatron-core wraps its fused kernels (router scores, SwiGLU, bias-dropout-add) in torch.compile
+# (megatron.core.jit.jit_fuser). On CPU that fuses nothing the tests check and costs 10-40 s of
+# Inductor compilation in every fresh process (each subprocess and spawned rank of the suite);
+# eager mode computes the same functions. Inherited by subprocesses. Set to 0 to test with it.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 # Triton kernels decide whether they run interpreted when their module is first imported, which
 # may be in any test; without CUDA the whole session interprets them (tests/test_kda_triton.py).

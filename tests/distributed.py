@@ -32,6 +32,9 @@ def _serve(rank: int, world_size: int, inbox, outbox) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
     )
+    import torch
+
+    torch.set_num_threads(1)  # torch was imported before OMP_NUM_THREADS was set: 2+ ranks share 2 cores
     parent = os.getppid()
     while True:
         try:
