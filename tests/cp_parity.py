@@ -35,7 +35,7 @@ def run_config(layout: dict, run_dir: str):
     )
 
 
-class LongBatches:
+class LongBatches(parity.FixedBatches):
     """This data-parallel rank's micro-batches (one row of SEQ tokens each), every step."""
 
     def __init__(self, dp_rank: int, dp_size: int):
@@ -51,13 +51,6 @@ class LongBatches:
             })
         per_rank = GLOBAL_BATCH // dp_size
         self.micro = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-
-    def train_batches(self):
-        while True:
-            yield from self.micro
-
-    def val_batches(self, n):
-        return self.micro[:n]
 
     def describe(self):
         return "fixed long-sequence test batch"
