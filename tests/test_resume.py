@@ -49,7 +49,7 @@ def _start(run_dir, *extra) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "deltatron.train", *OVERRIDES, f"train.run_dir={run_dir}", *extra],
         cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, start_new_session=True,  # its own process group: a kill takes its helpers too
     )
 
 
@@ -59,7 +59,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early (code {proc.returncode}): {proc.stderr.read()[-3000:]}")
         if time.time() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("timed out waiting for the run")
         time.sleep(0.2)
 
@@ -70,7 +70,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_losses(uninterrupted, t
     proc = _start(run_dir)
     step4 = lambda: os.path.exists(run_dir / "metrics.jsonl") and 4 in losses_by_step(run_dir)  # noqa: E731
     _wait_for(step4, proc)  # past the checkpoint of step 3, before the one of step 6
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a node loss or scancel would
     proc.wait()
     assert sorted(os.listdir(run_dir / "checkpoints"))[-1] in ("step_0000003", "step_0000006")
     resumed = _start(run_dir)  # train.resume=auto: the newest complete checkpoint
