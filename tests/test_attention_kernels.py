@@ -78,3 +78,25 @@ def test_varlen_path_declines_where_flash_does_not_run():
     q = torch.zeros(8, 2, 24)
     assert ak.varlen_causal_attention(q, q, q[..., :16], torch.tensor([0, 8]), 8, None) is None
     assert ak.varlen_causal_attention(q, q, q[..., :16], torch.tensor([0, 8]), None, None, force=True) is None
+
+
+def test_packed_max_logits_leave_out_pairs_across_documents(monkeypatch):
+    """MLA's max-logit tracking over a packed row (one pass, document ids on the device) equals
+    the max over separate per-document passes, including the block loop's edges."""
+    from deltatron.model import mla
+
+    monkeypatch.setattr(mla, "_MAX_LOGIT_BLOCK", 16)
+    g = torch.Generator().manual_seed(0)
+    t, n, d = 50, 3, 8
+    q, k = torch.randn(1, n, t, d, generator=g), torch.randn(1, n, t, d, generator=g)
+    q[0, 1, 40] = 10 * k[0, 1, 3]  # a large logit between two documents: must not count
+    cu = torch.tensor([0, 7, 7, 30, 50])  # with an empty document
+    doc = torch.searchsorted(cu[1:], torch.arange(t), right=True)
+    packed = mla.causal_max_logits(q, k, 0.5, doc)
+    bounds = cu.tolist()
+    per_doc = torch.stack([
+        mla.causal_max_logits(q[:, :, a:b], k[:, :, a:b], 0.5) for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ]).amax(0)
+    torch.testing.assert_close(packed, per_doc)
+    cross_pair = 0.5 * (q[0, 1, 40] @ k[0, 1, 3])
+    assert packed[1] < cross_pair <= mla.causal_max_logits(q, k, 0.5)[1]  # counted only unmasked

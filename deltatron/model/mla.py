@@ -130,9 +130,13 @@ class _ReplicatedDownProjection(torch.nn.Module):
         )
 
 
-def causal_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_max_logits(
+    q: torch.Tensor, k: torch.Tensor, scale: float, document_ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-head max of scale * q.k over causal pairs. q: [B, N, Tq, D], k: [B, N, Tk, D] with
-    Tk >= Tq, the queries being the last Tq key positions (bottom-right causal) -> [N] (fp32)."""
+    Tk >= Tq, the queries being the last Tq key positions (bottom-right causal) -> [N] (fp32).
+    document_ids: [Tk] int, the packed document of every key position: pairs across documents
+    do not count (one pass over a packed row instead of a loop and a host read per document)."""
     t = q.shape[2]
     offset = k.shape[2] - t
     best = torch.full((q.shape[1],), float("-inf"), device=q.device, dtype=torch.float32)
@@ -143,7 +147,10 @@ def causal_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
         )
         rows = torch.arange(start, end, device=q.device)[:, None] + offset
         cols = torch.arange(end + offset, device=q.device)[None, :]
-        scores = scores.masked_fill(cols > rows, float("-inf"))
+        hidden = cols > rows
+        if document_ids is not None:
+            hidden = hidden | (document_ids[None, : end + offset] != document_ids[rows])
+        scores = scores.masked_fill(hidden, float("-inf"))
         best = torch.maximum(best, scores.amax(dim=(0, 2, 3)) * scale)
     return best
 
@@ -207,12 +214,16 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _forward_packed(self, query, key, value, cu_seqlens, max_seqlen=None):
-        # One variable-length flash kernel for all documents where it applies (attention_kernels);
-        # max-logit tracking needs each document's scores, so it keeps the loop below.
-        if not (self.track_max_logits and self.training):
-            out = varlen_causal_attention(query, key, value, cu_seqlens, max_seqlen, self.softmax_scale)
-            if out is not None:
-                return out.reshape(out.shape[0], -1)
+        if self.track_max_logits and self.training:
+            # the whole packed row at once, documents told apart on the device
+            positions = torch.arange(query.shape[0], device=query.device)
+            document_ids = torch.searchsorted(cu_seqlens.to(query.device)[1:], positions, right=True)
+            q, k = (x.transpose(0, 1)[None] for x in (query, key))  # [1, N, T, D]
+            self._track_max_logits(q, k, document_ids)
+        # One variable-length flash kernel for all documents where it applies (attention_kernels).
+        out = varlen_causal_attention(query, key, value, cu_seqlens, max_seqlen, self.softmax_scale)
+        if out is not None:
+            return out.reshape(out.shape[0], -1)
         # Documents are contiguous in THD; attend within each one.
         bounds = cu_seqlens.tolist()
         outs = []
@@ -220,7 +231,7 @@ class SDPACoreAttention(MegatronModule):
             if end == start:
                 continue
             q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
-            outs.append(self._attend(q, k, v)[0].transpose(0, 1))  # [t, N, Dv]
+            outs.append(self._attend(q, k, v, track=False)[0].transpose(0, 1))  # [t, N, Dv]
         out = torch.cat(outs, dim=0)
         return out.reshape(out.shape[0], -1)
 
@@ -245,18 +256,23 @@ class SDPACoreAttention(MegatronModule):
         out = torch.cat(outs, dim=0)
         return out.reshape(out.shape[0], -1)
 
-    def _attend(self, q, k, v):
+    def _track_max_logits(self, q, k, document_ids=None):
+        """Fold this forward's per-head max logit into the step's (see causal_max_logits)."""
+        with torch.no_grad():
+            step_max = causal_max_logits(q, k, self.softmax_scale, document_ids)
+        self.current_max_attn_logits = (
+            step_max
+            if self.current_max_attn_logits is None
+            else torch.maximum(self.current_max_attn_logits, step_max)
+        )
+
+    def _attend(self, q, k, v, track: bool = True):
         """q: [B, N, Tq, Dqk]; k: [B, N, Tk, Dqk]; v: [B, N, Tk, Dv] -> [B, N, Tq, Dv]. Causal;
-        with Tk > Tq the queries are the last Tq key positions (a CP slice's continuing document)."""
+        with Tk > Tq the queries are the last Tq key positions (a CP slice's continuing document).
+        track: fold the max logit into the step's (the caller may have done it already)."""
         # Only training forwards count: QK-clip acts on the step's logits, not on evaluation's.
-        if self.track_max_logits and self.training:
-            with torch.no_grad():
-                step_max = causal_max_logits(q, k, self.softmax_scale)
-            self.current_max_attn_logits = (
-                step_max
-                if self.current_max_attn_logits is None
-                else torch.maximum(self.current_max_attn_logits, step_max)
-            )
+        if track and self.track_max_logits and self.training:
+            self._track_max_logits(q, k)
         if k.shape[2] == q.shape[2]:
             return causal_attention(q, k, v, self.softmax_scale)
         mask = causal_lower_right(q.shape[2], k.shape[2])
