@@ -403,12 +403,12 @@ class Trainer:
         spike = self.cfg.train.loss_spike_factor
         if spike and len(self.good_losses) >= 5 and loss > spike * (sum(self.good_losses) / len(self.good_losses)):
             return f"loss {loss:.4f} > {spike:g} x the recent mean {sum(self.good_losses) / len(self.good_losses):.4f}"
-        finite = all(
-            bool(torch.isfinite(buf.grad_data).all())
-            for m in self.model
-            for buf in m.buffers + m.expert_parallel_buffers
-        )
-        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        # one device-side verdict over every gradient buffer and one host read after the
+        # all-reduce (not a read per buffer)
+        flag = torch.zeros(1, device=self.device)
+        for m in self.model:
+            for buf in m.buffers + m.expert_parallel_buffers:
+                flag = torch.maximum(flag, (~torch.isfinite(buf.grad_data).all()).float())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return "gradients are not finite" if flag.item() else None
 
