@@ -372,3 +372,24 @@ def test_bad_chunk_size(chunk_size):
     q, k, v, g, beta = make_inputs(1, 4, 1, 4, 4)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         chunk_kda_torch(q, k, v, g, beta, chunk_size=chunk_size)
+
+
+def test_offsets_are_read_back_once_per_cu_seqlens_tensor(monkeypatch):
+    """Every KDA layer of a forward gets the same cu_seqlens: one host read (a GPU sync), not
+    one per layer; a tensor changed in place, or another tensor, is read again."""
+    from deltatron.kernels.kda.checks import check_kda_inputs
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    q, k, g = (torch.randn(1, 10, 2, 4) for _ in range(3))
+    v, beta = torch.randn(1, 10, 2, 3), torch.rand(1, 10, 2)
+
+    def offsets(cu):
+        return check_kda_inputs(q, k, v, g, beta, None, None, cu).offsets
+
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    assert [offsets(cu) for _ in range(3)] == [(0, 4, 10)] * 3 and len(reads) == 1
+    cu[1] = 6
+    assert offsets(cu) == (0, 6, 10) and len(reads) == 2
+    assert offsets(torch.tensor([0, 5, 10], dtype=torch.int32)) == (0, 5, 10) and len(reads) == 3

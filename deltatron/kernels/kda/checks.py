@@ -8,6 +8,7 @@ The shapes at the boundary (see `deltatron.kernels.kda.kda`):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,24 @@ class KDAShapes:
     scale: float
     # Document offsets as Python ints (None without cu_seqlens).
     offsets: Optional[tuple[int, ...]]
+
+
+# (the cu_seqlens tensor last read, its version counter, its offsets); see host_offsets
+_last_read: tuple = (None, -1, ())
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """cu_seqlens as Python ints. Every KDA layer of a forward (and its backward) gets the same
+    tensor, so it is read back from the device (a sync on GPUs) once per micro-batch rather than
+    once per layer: the last tensor read is remembered by identity (a weak reference: a new
+    tensor at the same address is another object) and its in-place version counter."""
+    global _last_read
+    ref, version, offsets = _last_read
+    if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version:
+        return offsets
+    offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    _last_read = (weakref.ref(cu_seqlens), cu_seqlens._version, offsets)
+    return offsets
 
 
 def _check_float(name: str, x: object) -> torch.Tensor:
@@ -96,7 +115,7 @@ def check_kda_inputs(
                 f"cu_seqlens (packed documents) requires batch size 1, got B = {batch}; "
                 "fold the batch into one row"
             )
-        offsets = tuple(int(x) for x in cu_seqlens.tolist())
+        offsets = host_offsets(cu_seqlens)
         if offsets[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
         if offsets[-1] != seq_len:
