@@ -83,6 +83,7 @@ def init_process_groups(
     init_distributed(timeout_minutes, trace_dir)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        _destroy_subgroups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -92,6 +93,19 @@ def init_process_groups(
         expert_tensor_parallel_size=etp,
     )
     cpu_compat.initialize_rng(seed)
+
+
+def _destroy_subgroups() -> None:
+    """Destroy every process group but the default one. megatron-core's destroy_model_parallel
+    only forgets its groups; a process that builds several layouts in turn (tests, benchmarks)
+    would keep each one's dozens of groups, every gloo group with its own polling threads (a test
+    session had accumulated 2,300 of them)."""
+    from torch.distributed import distributed_c10d
+
+    default = distributed_c10d._get_default_group()
+    for group in list(distributed_c10d._world.pg_map):  # no public list of the groups
+        if group is not default:
+            dist.destroy_process_group(group)
 
 
 def destroy_process_groups() -> None:
