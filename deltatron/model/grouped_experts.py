@@ -13,7 +13,8 @@ and only replaces the computation:
     -> fc2: grouped_mm(h, W2^T [E, f, d]) -> [N, d]
 
 The weights are stacked each call ([E, 2f, d] and [E, d, f]: one copy of the experts' weights,
-memory-bound and small next to the GEMMs); autograd splits the stacked gradient back onto each
+memory-bound and small next to the GEMMs), and stacked again in the backward rather than kept
+until then (`restacked_in_backward`); autograd splits the stacked gradient back onto each
 expert's parameter, so megatron-core's DDP gradient hooks see ordinary per-parameter gradients.
 
 Each expert's group is padded to `ALIGN_TOKENS` rows (zeros, dropped again afterwards) so every

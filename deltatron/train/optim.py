@@ -39,10 +39,15 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: 
         use_distributed_optimizer=distributed,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(inner, DistributedOptimizer):
-            align_state_index(inner)
+    for inner in _distributed_parts(optimizer):
+        align_state_index(inner)
     return optimizer
+
+
+def _distributed_parts(optimizer) -> list[DistributedOptimizer]:
+    """The megatron-core DistributedOptimizers in `optimizer` (itself, or parts of a chain)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for p in parts if isinstance(p, DistributedOptimizer)]
 
 
 def prepare_for_loading(optimizer) -> None:
@@ -56,8 +61,8 @@ def prepare_for_loading(optimizer) -> None:
     parameters; every value it writes (main parameters, moments, step) is then overwritten by
     the checkpoint.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+    for inner in _distributed_parts(optimizer):
+        if not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
 
 
