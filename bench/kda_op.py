@@ -154,7 +154,21 @@ def sdpa_fwd_bwd_ms(batch, seq_len, heads, head_dim, warmup, iters) -> float:
     return cuda_time_ms(step, warmup, iters)
 
 
-def bench_shape(spec: str, heads: int, head_dim: int, warmup: int, iters: int) -> dict:
+def profile_table(fn, iters: int = 3) -> str:
+    """CUDA time per kernel over `iters` calls of fn (after one untimed call), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+
+
+def bench_shape(spec: str, heads: int, head_dim: int, warmup: int, iters: int,
+                impl_names=("ours", "fla"), profile: bool = False) -> dict:
     varlen = spec.startswith("varlen")
     if varlen:
         batch, seq_len = 1, int(spec[len("varlen"):])
@@ -166,7 +180,8 @@ def bench_shape(spec: str, heads: int, head_dim: int, warmup: int, iters: int) -
     row = {"B": batch, "T": seq_len, "H": heads, "D": head_dim, "varlen": varlen}
     if varlen:
         row["documents"] = int(cu_seqlens.numel() - 1)
-    impls = {"ours": Impl(ours(cu_seqlens), inputs), "fla": Impl(fla_reference(cu_seqlens), inputs)}
+    makers = {"ours": ours, "fla": fla_reference}
+    impls = {name: Impl(makers[name](cu_seqlens), inputs) for name in impl_names}
     outputs = {}
     for name, impl in impls.items():
         row[f"{name}_first_call_ms"] = cold_ms(impl.forward_backward)
@@ -174,18 +189,23 @@ def bench_shape(spec: str, heads: int, head_dim: int, warmup: int, iters: int) -
         row[f"{name}_fwd_ms"] = cuda_time_ms(impl.forward, warmup, iters)
         row[f"{name}_fwdbwd_ms"] = cuda_time_ms(impl.forward_backward, warmup, iters)
         row[f"{name}_peak_mem_gb"] = peak_mem_gb(impl.forward_backward)
-    row["max_abs_diff_vs_fla"] = (outputs["ours"] - outputs["fla"]).abs().max().item()
-    row["fla_output_max_abs"] = outputs["fla"].abs().max().item()
+        if profile:
+            print(f"--- {name} {spec} forward+backward, CUDA time per kernel over 3 calls", flush=True)
+            print(profile_table(impl.forward_backward), flush=True)
+    if "ours" in outputs and "fla" in outputs:
+        row["max_abs_diff_vs_fla"] = (outputs["ours"] - outputs["fla"]).abs().max().item()
+        row["fla_output_max_abs"] = outputs["fla"].abs().max().item()
     del outputs, impls, inputs
     # full attention over each document would be cheaper for varlen; causal over the row is
     # what the shapes without documents compare, so keep SDPA to those
     row["sdpa_fwdbwd_ms"] = None if varlen else sdpa_fwd_bwd_ms(batch, seq_len, heads, head_dim, warmup, iters)
     flops = flops_per_token_head(head_dim) * batch * seq_len * heads
-    row["ours_fwd_tflops"] = flops / row["ours_fwd_ms"] / 1e9
-    row["ours_fwdbwd_tflops"] = 3 * flops / row["ours_fwdbwd_ms"] / 1e9
-    row["fla_fwdbwd_tflops"] = 3 * flops / row["fla_fwdbwd_ms"] / 1e9
-    row["speedup_fwd_vs_fla"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]
-    row["speedup_fwdbwd_vs_fla"] = row["fla_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    for name in impl_names:
+        row[f"{name}_fwd_tflops"] = flops / row[f"{name}_fwd_ms"] / 1e9
+        row[f"{name}_fwdbwd_tflops"] = 3 * flops / row[f"{name}_fwdbwd_ms"] / 1e9
+    if set(impl_names) == {"ours", "fla"}:
+        row["speedup_fwd_vs_fla"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]
+        row["speedup_fwdbwd_vs_fla"] = row["fla_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
     torch.cuda.empty_cache()
     return row
 
@@ -198,13 +218,25 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--impls", default="ours,fla",
+                        help="comma list of ours, fla (the results file needs both; one alone is for profiling)")
+    parser.add_argument("--profile", action="store_true", help="print CUDA time per kernel of each implementation")
     parser.add_argument("--out", default=None, help="default: bench/results/kda_<gpu>.json")
     args = parser.parse_args(argv)
+    impl_names = tuple(args.impls.split(","))
+    if not set(impl_names) <= {"ours", "fla"}:
+        parser.error(f"--impls takes ours and/or fla, got {args.impls!r}")
     if not torch.cuda.is_available():
         sys.exit("bench/kda_op.py needs a CUDA GPU (the Triton kernels and fla's run there)")
 
-    import fla
     import triton
+
+    try:
+        import fla
+    except ImportError:
+        if "fla" in impl_names:
+            raise
+        fla = None
 
     gpu = torch.cuda.get_device_name()
     out = args.out or os.path.join(
@@ -223,8 +255,10 @@ def main(argv=None) -> None:
         "rows": [],
     }
     for spec in args.shapes:
-        row = bench_shape(spec, args.heads, args.head_dim, args.warmup, args.iters)
+        row = bench_shape(spec, args.heads, args.head_dim, args.warmup, args.iters, impl_names, args.profile)
         print(json.dumps(row), flush=True)
+        if set(impl_names) != {"ours", "fla"}:
+            continue  # a partial comparison is printed, not written over the results file
         result["rows"].append(row)
         # rewritten after every shape, so a run cut short keeps the shapes it finished
         with open(out, "w") as f:
