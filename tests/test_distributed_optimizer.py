@@ -16,7 +16,7 @@ import pytest
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
 
-from deltatron.train.optim import align_state_index, prepare_for_loading
+from deltatron.train.optim import align_state_index, load_adam_steps_per_parameter, prepare_for_loading
 
 
 def _distributed_optimizer(inner_class=torch.optim.SGD):
@@ -38,7 +38,8 @@ def _distributed_optimizer(inner_class=torch.optim.SGD):
     gbuf_ranges = [{torch.bfloat16: [{"param_map": ranges([a, b, d])}]},
                    {torch.float32: [{"param_map": ranges([c])}]}]
     opt = object.__new__(DistributedOptimizer)
-    opt.config = types.SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
+    opt.config = types.SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False, fp16=False)
+    opt.ddp_config = types.SimpleNamespace(use_megatron_fsdp=False)
     opt.gbuf_ranges = gbuf_ranges
     opt.model_param_gbuf_map = {a: (0, torch.bfloat16, 0), b: (0, torch.bfloat16, 0),
                                 d: (0, torch.bfloat16, 0), c: (1, torch.float32, 0)}
@@ -99,3 +100,42 @@ def test_fresh_optimizer_gets_state_to_build_its_load_template():
     assert len(opt.optimizer.state) == 4
     prepare_for_loading(opt)  # a no-op once there is state: no second step
     assert opt.state_dict()["optimizer"]["param_groups"][0]["step"] == 1.0
+
+
+def _resumable_adam(fixed: bool):
+    """A fresh AdamW distributed optimizer after a resume's preparation, and a state dict saved
+    after one step (the template the resume loads)."""
+    opt, tags = _distributed_optimizer(torch.optim.AdamW)
+    align_state_index(opt)
+    if fixed:
+        load_adam_steps_per_parameter(opt)
+    prepare_for_loading(opt)
+    return opt, tags, opt.state_dict()
+
+
+def test_megatron_core_shares_one_adam_step_and_wants_it_per_parameter():
+    """The two load defects: one step tensor for all parameters (Adam increments it once per
+    parameter) and a per-parameter copy that asks the checkpoint for "step". If either stops
+    failing, that half of load_adam_steps_per_parameter can go."""
+    opt, tags, saved = _resumable_adam(fixed=False)
+    opt.load_state_dict(saved)
+    assert len({id(s["step"]) for s in opt.optimizer.state.values()}) == 1
+    opt._init_optimizer_states_with_dummy_values()  # one more step for every parameter
+    assert {float(s["step"]) for s in opt.optimizer.state.values()} == {1.0 + len(tags)}
+    a = next(iter(tags))
+    with pytest.raises(KeyError, match="step"):
+        opt._set_main_param_and_optimizer_states(a, {k: torch.ones(6) for k in ("param", "exp_avg", "exp_avg_sq")})
+
+
+def test_loaded_adam_steps_are_per_parameter():
+    opt, tags, saved = _resumable_adam(fixed=True)
+    opt.load_state_dict(saved)
+    assert len({id(s["step"]) for s in opt.optimizer.state.values()}) == len(tags)
+    opt._init_optimizer_states_with_dummy_values()
+    assert [float(s["step"]) for s in opt.optimizer.state.values()] == [2.0] * len(tags)
+    for p, tag in tags.items():  # the checkpoint's tensors land on their parameter, step untouched
+        values = {k: torch.full((p.numel(),), tag) for k in ("param", "exp_avg", "exp_avg_sq")}
+        opt._set_main_param_and_optimizer_states(p, values)
+        state = opt._get_main_param_and_optimizer_states(p)
+        assert all(torch.equal(state[k], values[k]) for k in values)
+        assert float(opt.optimizer.state[state["param"]]["step"]) == 2.0

@@ -41,6 +41,7 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: 
     optimizer = get_megatron_optimizer(config, model_chunks)
     for inner in _distributed_parts(optimizer):
         align_state_index(inner)
+        load_adam_steps_per_parameter(inner)
     return optimizer
 
 
@@ -64,6 +65,37 @@ def prepare_for_loading(optimizer) -> None:
     for inner in _distributed_parts(optimizer):
         if not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
+
+
+def load_adam_steps_per_parameter(optimizer: DistributedOptimizer) -> None:
+    """Make the distributed optimizer load torch Adam's per-parameter "step" correctly.
+
+    Without Apex or Transformer Engine the inner optimizer is torch's Adam, which keeps "step" as
+    a tensor in every parameter's state. megatron-core 0.19.2's load_state_dict restores it from
+    the param groups, with two defects:
+    - it puts one tensor object into every parameter's state; Adam increments each parameter's
+      step in place, so after a resume the shared step grew by the number of parameters per
+      update and the bias corrections were wrong (the losses left the uninterrupted run's at the
+      second step after the resume). Each parameter gets its own copy after the load.
+    - it then copies each parameter's checkpointed tensors over every tensor of that parameter's
+      state, "step" included, which the checkpoint's per-parameter tensors never hold: every
+      resume failed with KeyError 'step'. The missing key is passed as None, which megatron-core's
+      copy skips.
+    """
+    set_states = optimizer._set_main_param_and_optimizer_states
+    load_state_dict = optimizer.load_state_dict
+
+    def set_states_without_step(model_param, tensors):
+        set_states(model_param, {"step": None, **tensors})
+
+    def load_with_own_steps(state_dict):
+        load_state_dict(state_dict)
+        for state in optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    optimizer._set_main_param_and_optimizer_states = set_states_without_step
+    optimizer.load_state_dict = load_with_own_steps
 
 
 def align_state_index(optimizer: DistributedOptimizer) -> None:
