@@ -126,10 +126,10 @@ def test_metrics_use_documented_names(run):
     assert "moe/layer2/topk_changed" not in records[0]
 
 
-def test_wandb_offline_run_has_metrics_config_and_command(run):
+def test_wandb_offline_run_has_metrics_config_and_command(run, tmp_path):
     """The wandb offline file holds every JSONL metric under the same name, the run id derived from
     the run directory, and the run info; TensorBoard's event file is there too."""
-    from deltatron.train.monitor import wandb_run_id
+    from deltatron.train.monitor import WANDB_BLOCK, wandb_file_complete, wandb_run_id
 
     run_dir, records, _ = run
     files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
@@ -145,6 +145,13 @@ def test_wandb_offline_run_has_metrics_config_and_command(run):
     assert wandb_run_id(run_dir + "/") == wandb_run_id(run_dir) != wandb_run_id(run_dir + "-2")
     logged = {k for r in records for k in r} - {"step", "time"}
     assert logged <= keys, sorted(logged - keys)
+    # complete: the exit record is there. Cut at its last whole block (what is on disk while
+    # wandb-core holds the rest in memory) it is not.
+    assert wandb_file_complete(files[0])
+    raw = open(files[0], "rb").read()
+    assert len(raw) > WANDB_BLOCK
+    (tmp_path / "cut.wandb").write_bytes(raw[: len(raw) // WANDB_BLOCK * WANDB_BLOCK])
+    assert not wandb_file_complete(str(tmp_path / "cut.wandb"))
 
     info = json.load(open(os.path.join(run_dir, "run_info.json")))
     assert info["git_commit"] and info["command"] and info["world_size"] == 1
@@ -152,6 +159,47 @@ def test_wandb_offline_run_has_metrics_config_and_command(run):
     assert json.load(open(os.path.join(files_dir, "run_info.json"))) == info
     assert "optim:" in open(os.path.join(files_dir, "resolved_config.yaml")).read()
     assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
+
+
+def test_wandb_file_is_complete_when_the_monitor_closes(tmp_path, monkeypatch):
+    """Monitor.close() returns once the wandb run file holds every logged row. wandb-core keeps
+    the file's last 32 KiB block in memory until it closes the run's stream, on a message that
+    run.finish() sends without waiting; on a busy machine a file read right after finish() could
+    lack its last rows (the fixture's run once lacked every topk_changed: its step 2 and 4 rows).
+    Here that message is delayed. Metrics logged at one step by different callers make one row."""
+    import threading
+    from types import SimpleNamespace
+
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
+    from deltatron.train.monitor import Monitor
+
+    inform_finish = ServiceConnection.inform_finish
+
+    def late(self, run_id):  # the service gets to the run's finish message a second late
+        threading.Timer(1.0, inform_finish, (self, run_id)).start()
+
+    monkeypatch.setattr(ServiceConnection, "inform_finish", late)
+    cfg = SimpleNamespace(wandb=True, wandb_mode="offline", wandb_project="deltatron-test", wandb_entity=None,
+                          run_name=None, tensorboard=False, progress_bar=False)
+    run_dir = str(tmp_path / "run")
+    monitor = Monitor(run_dir, cfg, {})
+    monitor.log(1, {"train/loss": 2.0})
+    monitor.log(2, {"train/loss": 1.5, "moe/layer2/load": [1.0] * 8})
+    monitor.log(2, {"train/val_loss": 1.7})  # the same step from another caller: the same row
+    monitor.log(4, {"train/loss": 1.0, "moe/layer2/topk_changed": 0.25})  # only in the last row
+    monitor.close()
+
+    (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    rows, kinds = {}, []
+    for record in wandb_records(path):
+        kinds.append(record.WhichOneof("record_type"))
+        if kinds[-1] == "history":
+            keys = {item.key or item.nested_key[0] for item in record.history.item}
+            rows[record.history.step.num] = keys - {"_step", "_runtime", "_timestamp"}
+    assert rows == {1: {"train/loss"}, 2: {"train/loss", "moe/layer2/load", "train/val_loss"},
+                    4: {"train/loss", "moe/layer2/topk_changed"}}, rows
+    assert "exit" in kinds
 
 
 def test_report_draws_panels_from_the_run(run, tmp_path, capsys):

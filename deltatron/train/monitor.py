@@ -6,6 +6,8 @@ login; `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later. The wandb run 
 the run directory, so a job that resumes in the same directory continues the same wandb run.
 Each run directory also gets `run_info.json`: the git commit, the exact command line and the host,
 saved with the wandb run too (next to the resolved config.yaml the trainer writes).
+`Monitor.close()` returns once wandb's run file (`run-*.wandb`) is complete on disk, so it can be
+read or synced right away.
 
 Console: on a terminal a rich progress bar with ETA to train.steps; otherwise (log files, CI) the
 per-log-step line "step N/M | loss ... | ETA ..." is the progress line.
@@ -76,6 +78,72 @@ def run_info() -> dict:
     }
 
 
+WANDB_BLOCK = 32 * 1024  # a wandb run file's block size (the LevelDB log format)
+
+
+def wandb_file_records(path: str, first_block: int = 0):
+    """The records (wandb_internal_pb2.Record) of a wandb run file, from block `first_block` on.
+
+    The file (`run-*.wandb`, the log wandb-core writes for offline and online runs alike) is a
+    7-byte header, then 32 KiB blocks of chunks, each framed by crc32 (4 bytes), length (2) and
+    type (1: a whole record, 2: first, 3: middle, 4: last chunk of one); a block's tail too short
+    for a frame is padding. Chunks that continue a record begun before `first_block`, and a
+    record the file does not hold all of yet, are skipped."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        start = max(first_block * WANDB_BLOCK, 7)
+        f.seek(start)
+        raw = f.read()
+    pos, parts = 0, None  # parts: the chunks of the record being assembled, None between records
+    while pos + 7 <= len(raw):
+        left = WANDB_BLOCK - (start + pos) % WANDB_BLOCK
+        if left < 7:
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        chunk = raw[pos + 7 : pos + 7 + length]
+        if len(chunk) < length:  # written only partly so far
+            return
+        pos += 7 + length
+        if kind in (1, 2):
+            parts = [chunk]
+        elif parts is not None:
+            parts.append(chunk)
+        if kind in (1, 4) and parts is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = None
+            yield record
+
+
+def wandb_file_complete(path: str) -> bool:
+    """Whether a wandb run file holds its exit record, and so all that was logged before it.
+    wandb-core writes the file a 32 KiB block at a time, keeping the last block in memory until it
+    closes the run's stream; the exit record is small enough to start in the second-to-last
+    block at the earliest, so only the last two are read."""
+    try:
+        last_block = os.path.getsize(path) // WANDB_BLOCK
+        return any(r.HasField("exit") for r in wandb_file_records(path, max(last_block - 1, 0)))
+    except OSError:
+        return False
+
+
+def wait_for_wandb_file(path: str, timeout: float) -> bool:
+    """Wait until the wandb run file at `path` is complete (wandb_file_complete); False if it is
+    not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not wandb_file_complete(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
+    return True
+
+
 def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -107,6 +175,8 @@ class _Progress:
 
 
 class Monitor:
+    WANDB_FILE_TIMEOUT = 60.0  # seconds close() waits for wandb's run file to be complete
+
     def __init__(self, run_dir: str, logging_cfg, resolved_config: dict, wandb_id: Optional[str] = None):
         self.run_dir = run_dir
         self.cfg = logging_cfg
@@ -198,4 +268,12 @@ class Monitor:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
+            run_file = None if self._wandb.settings.x_skip_transaction_log else self._wandb.settings.sync_file
             self._wandb.finish()
+            # finish() returns once wandb-core has handled the run's exit, but the run file's last
+            # block (the last rows, the exit record) reaches the disk only when wandb-core closes
+            # the run's stream, on a message finish() sends without waiting. Wait for it, so what
+            # reads the file next (wandb sync, the tests) sees every row.
+            if run_file and os.path.exists(run_file) and not wait_for_wandb_file(run_file, self.WANDB_FILE_TIMEOUT):
+                print(f"warning: wandb's run file {run_file} was not complete {self.WANDB_FILE_TIMEOUT:.0f} s "
+                      "after the run finished; wandb writes the rest in the background", file=sys.stderr, flush=True)
