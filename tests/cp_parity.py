@@ -84,7 +84,13 @@ def train(layout: dict, init_ckpt: str, final_ckpt: str, run_dir: str, save_init
         losses.append(out["loss"])
         grad_norms.append(out["grad_norm"])
     save_model(trainer.model, final_ckpt)
-    return {"loss": losses, "grad_norm": grad_norms}
+    sizes = {  # the layout the run really had, for the test to check
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+    }
+    return {"loss": losses, "grad_norm": grad_norms, "sizes": sizes}
 
 
 def layouts_job(rank: int, world_size: int, layouts: dict, init_ckpt: str, out_dir: str) -> dict:

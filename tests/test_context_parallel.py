@@ -130,13 +130,17 @@ def test_slices_combined_with_the_triton_kernels():
 # LOSS_RTOL, final parameters within PARAM_ATOL (as tests/test_parallel_parity.py). All runs share
 # one 4-process launch (process start-up dominates on a 2-core machine): CP2 runs as CP2 x DP2,
 # each data-parallel replica one of the two micro-batches, so it covers CP2 with and without
-# document boundaries at the edges and the gradient reduction over dp x cp.
+# document boundaries at the edges and the gradient reduction over dp x cp. CP2 x PP2 sends the
+# sliced activations between stages; CP2 x EP2 dispatches tokens over ranks that hold different
+# slices (the expert-parallel group spans the CP ranks).
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 2e-5
 FOUR_PROCESS = {
     "cp2_dp2": dict(cp=2),
     "cp4": dict(cp=4),
     "cp2_tp2": dict(cp=2, tp=2, sequence_parallel=True),
+    "cp2_pp2": dict(cp=2, pp=2),
+    "cp2_ep2": dict(cp=2, ep=2),
 }
 
 
@@ -178,7 +182,9 @@ def _check_cp(name, got, cp_reference):
 
 @pytest.mark.parametrize("name", sorted(FOUR_PROCESS))
 def test_context_parallel_layout_matches_single_process(name, cp_reference, cp_four_process):
-    _check_cp(name, cp_four_process[name], cp_reference)
+    got = cp_four_process[name]
+    assert got["sizes"] == {key: FOUR_PROCESS[name].get(key, 1) for key in ("cp", "tp", "pp", "ep")}
+    _check_cp(name, got, cp_reference)
 
 
 @pytest.mark.parametrize(
