@@ -5,8 +5,8 @@ result file).
     python bench/kda_intra_split.py [--batch 8] [--seq-len 4096] [--heads 32] [--head-dim 128]
 
 Stages of deltatron.kernels.kda.triton_intra._intra_fwd_kernel (one program per chunk and head):
-  cross    the decayed scores of pairs in different 16-token sub-blocks (cross_block_decays and
-           two [C, BK] x [BK, C] products per boundary and key block)
+  cross    the decayed scores of pairs in different 16-token sub-blocks (sub_block_decays,
+           boundary_decays and two [C, BK] x [BK, C] products per boundary and key block)
   inblock  the pairs inside a sub-block (in_block_log_decay and two products per key block)
   inverse  (I + A_kk)^-1 (unit_lower_inverse)
   outputs  W, U, Qg, Kg, gC and their stores
@@ -29,8 +29,8 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deltatron.kernels.kda.triton_common import (  # noqa: E402
-    IN_BLOCK_FACTOR_BOUND, SUB, chunk_layout, cross_block_decays,
-    in_block_log_decay, load_decays, load_rows, load_vector, store_rows,
+    IN_BLOCK_FACTOR_BOUND, SUB, boundary_decays, chunk_decays, chunk_layout,
+    in_block_log_decay, sub_block_decays, load_decays, load_rows, load_vector, store_rows,
 )
 from deltatron.kernels.kda.triton_intra import intra_chunk_fwd, intra_config, unit_lower_inverse  # noqa: E402
 
@@ -53,8 +53,9 @@ def _scores(q_ptr, k_ptr, g_ptr, t0, n, stride, scale, K: tl.constexpr, C: tl.co
         kt = load_rows(k_ptr, t0, rows, n, stride, cols, K)
         g, g_next = load_decays(g_ptr, t0, rows, n, stride, cols, K)
         if CROSS:
+            e_in, e_out, totals = sub_block_decays(g, g_next, C, BC, BK)
             for b in tl.static_range(NS - 1):
-                left, right = cross_block_decays(g, g_next, b, rows, BC)
+                left, right = boundary_decays(e_in, e_out, totals, b, rows, C, BC, BK)
                 k_right = tl.trans(kt * right)
                 kk += tl.dot(kt * left, k_right, input_precision=PREC)
                 qk += tl.dot(qt * left, k_right, input_precision=PREC)
@@ -92,12 +93,12 @@ def _variant_kernel(q, k, v, g, beta, aqk, w, u, qg, kg, gc, chunks, scale, H,
             cols = ik * BK + tl.arange(0, BK)
             kt = load_rows(k + i_h * K, t0, rows, n, H * K, cols, K)
             g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, cols, K)
-            decay_in = tl.exp(tl.cumsum(g_t, 0))
+            e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
+            decay_in, decay_out = chunk_decays(e_in, e_out, totals, C, BC, BK)
             x = kt * decay_in * bt[:, None]
             store_rows(w + i_h * K, tl.dot(a_inv, x, input_precision=PREC), t0, rows, n, H * K, cols, K)
             qt = load_rows(q + i_h * K, t0, rows, n, H * K, cols, K)
             store_rows(qg + i_h * K, qt * decay_in * scale, t0, rows, n, H * K, cols, K)
-            decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))
             store_rows(kg + i_h * K, kt * decay_out, t0, rows, n, H * K, cols, K)
             gc_offs = (i_c * H + i_h).to(tl.int64) * K + cols
             tl.store(gc + gc_offs, tl.exp(tl.sum(g_t, 0)), mask=cols < K)

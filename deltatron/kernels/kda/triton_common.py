@@ -134,22 +134,66 @@ def load_decays(g_ptr, t0, rows, n, stride, cols, ncols):
 
 
 @triton.jit
-def cross_block_decays(g, g_next, b, rows, BC: tl.constexpr):
-    """Decay factors through the boundary after sub-block b (r = its last row), [C, BK] each:
+def sub_block_decays(g, g_next, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """What the decay factors of every sub-block boundary are made of, computed once per key
+    block from within-sub-block sums (no cumulative sum runs over the whole chunk):
+
+        e_in[i]    = exp(sum of g from the start of i's sub-block to i)          [C, BK]
+        e_out[j]   = exp(sum of g after j to the end of j's sub-block)           [C, BK]
+        totals[m]  = sum of g over sub-block m                                   [NS, BK]
+
+    Every sum is of terms <= 0 (no cancellation); boundary_decays combines them.
+    """
+    NS: tl.constexpr = C // BC
+    local = tl.arange(0, BC)[None, :, None]
+    g3 = tl.reshape(g, [NS, BC, BK])
+    e_in = tl.reshape(tl.exp(tl.cumsum(g3, 1)), [C, BK])
+    # g_next at a sub-block's last row is the next sub-block's first token: not "after j" in it
+    after = tl.cumsum(tl.where(local < BC - 1, tl.reshape(g_next, [NS, BC, BK]), 0.0), 1, reverse=True)
+    e_out = tl.reshape(tl.exp(after), [C, BK])
+    return e_in, e_out, tl.sum(g3, 1)
+
+
+@triton.jit
+def boundary_decays(e_in, e_out, totals, b, rows, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Decay factors through the boundary after sub-block b (r = its last row), [C, BK] each, from
+    sub_block_decays' parts:
 
         left[i]  = exp(sum_{r < t <= i} g_t)  for rows i after r, else 0
-        right[j] = exp(sum_{j < t <= r} g_t)  for rows j in sub-block b, else 0
+                 = e_in[i] * exp(totals of the sub-blocks strictly between b and i's)
+        right[j] = exp(sum_{j < t <= r} g_t)  for rows j in sub-block b, else 0  (= e_out[j])
 
     so left[i] * right[j] = exp(G_i - G_j) for every pair with block(i) > b = block(j), and
-    both exponents are <= 0.
+    every exponent is a sum of terms <= 0.
     """
-    r = b * BC + BC - 1
-    later = (rows > r)[:, None]
-    left = tl.where(later, tl.exp(tl.cumsum(tl.where(later, g, 0.0), 0)), 0.0)
-    in_b = ((rows // BC) == b)[:, None]
-    into_r = tl.cumsum(tl.where(in_b & (rows < r)[:, None], g_next, 0.0), 0, reverse=True)
-    right = tl.where(in_b, tl.exp(into_r), 0.0)
+    NS: tl.constexpr = C // BC
+    blocks = tl.arange(0, NS)
+    between = (blocks[None, :] > b) & (blocks[None, :] < blocks[:, None])  # [row block, m]
+    gap = tl.exp(tl.sum(tl.where(between[:, :, None], totals[None, :, :], 0.0), 1))  # [NS, BK]
+    left3 = tl.reshape(e_in, [NS, BC, BK]) * gap[:, None, :]
+    left = tl.where(((rows // BC) > b)[:, None], tl.reshape(left3, [C, BK]), 0.0)
+    right = tl.where(((rows // BC) == b)[:, None], e_out, 0.0)
     return left, right
+
+
+@triton.jit
+def chunk_decays(e_in, e_out, totals, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """From sub_block_decays' parts, [C, BK] each:
+
+        decay_in[i]  = exp(G_i)  = exp(sum of g from the chunk's start to i)
+        decay_out[i] = exp(Gs_i) = exp(sum of g after i to the chunk's end)
+
+    as the within-sub-block factor times the factor of the whole sub-blocks before (after) i's.
+    """
+    NS: tl.constexpr = C // BC
+    blocks = tl.arange(0, NS)
+    earlier = (blocks[None, :] < blocks[:, None])[:, :, None]  # [row block, m, 1]
+    before = tl.exp(tl.sum(tl.where(earlier, totals[None, :, :], 0.0), 1))  # [NS, BK]
+    later = (blocks[None, :] > blocks[:, None])[:, :, None]
+    after = tl.exp(tl.sum(tl.where(later, totals[None, :, :], 0.0), 1))
+    decay_in = tl.reshape(tl.reshape(e_in, [NS, BC, BK]) * before[:, None, :], [C, BK])
+    decay_out = tl.reshape(tl.reshape(e_out, [NS, BC, BK]) * after[:, None, :], [C, BK])
+    return decay_in, decay_out
 
 
 # In-block pairs go through one product per key block when every |in_block_log_decay| of the

@@ -59,7 +59,7 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
               **state_config(K, V))),
         ("state backward", _state_bwd_kernel,
          dict(shapes, HAS_DHT=True, STORE_DH0=True, **state_config(K, V))),
-        ("grad chunk", _grad_chunk_kernel, dict(shapes, **grad)),
+        ("grad chunk", _grad_chunk_kernel, dict(shapes, BC=SUB, **grad)),
         ("grad pairwise", _grad_pairwise_kernel,
          dict({key: val for key, val in shapes.items() if key != "V"}, BC=SUB, **pairwise)),
     ]

@@ -36,10 +36,12 @@ from deltatron.kernels.kda.triton_common import (
     ChunkLayout,
     block_diag_gather,
     block_row_sums,
-    cross_block_decays,
+    boundary_decays,
+    chunk_decays,
     IN_BLOCK_FACTOR_BOUND,
     in_block_decay_step,
     in_block_log_decay,
+    sub_block_decays,
     load_decays,
     load_rows,
     load_vector,
@@ -51,8 +53,8 @@ from deltatron.kernels.kda.triton_common import (
 def _grad_chunk_kernel(
     q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do,
     dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, chunks, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (chunks, H). Writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles),
     and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel."""
@@ -105,8 +107,8 @@ def _grad_chunk_kernel(
             dkg += tl.dot(vn, tl.trans(ds_next), input_precision=PREC)
             dgc += tl.sum(s * ds_next, 1)
         g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
-        decay_in = tl.exp(tl.cumsum(g_t, 0))  # exp(G)
-        decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))  # exp(Gs)
+        e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
+        decay_in, decay_out = chunk_decays(e_in, e_out, totals, C, BC, BK)  # exp(G), exp(Gs)
         qt = load_rows(q + i_h * K, t0, rows, n, H * K, ck, K)
         kt = load_rows(k + i_h * K, t0, rows, n, H * K, ck, K)
         qg = qt * decay_in * scale
@@ -172,8 +174,9 @@ def _grad_pairwise_kernel(
         dqa = tl.zeros([C, BK], dtype=tl.float32)  # row side of A_qk (w.r.t. scale * q)
         dkr = tl.zeros([C, BK], dtype=tl.float32)  # row side of A_kk, before beta_i
         dkc = tl.zeros([C, BK], dtype=tl.float32)  # column side of A_qk and A_kk
+        e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
         for b in tl.static_range(NS - 1):
-            left, right = cross_block_decays(g_t, g_next, b, rows, BC)
+            left, right = boundary_decays(e_in, e_out, totals, b, rows, C, BC, BK)
             kr = kt * right
             dqa += left * tl.dot(daq, kr, input_precision=PREC)
             dkr += left * tl.dot(dak, kr, input_precision=PREC)
@@ -283,7 +286,7 @@ def grad_chunk(
     _grad_chunk_kernel[(layout.num_chunks, H)](
         q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do,
         dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, layout.chunks, scale, H,
-        K=K, V=V, C=C, PREC=precision, **grad_config(K, V, C),
+        K=K, V=V, C=C, BC=SUB, PREC=precision, **grad_config(K, V, C),
     )
     return dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part
 

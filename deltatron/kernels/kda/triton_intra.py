@@ -23,10 +23,12 @@ from deltatron.kernels.kda.triton_common import (
     ChunkLayout,
     block_diag_gather,
     block_diag_spread,
-    cross_block_decays,
+    boundary_decays,
+    chunk_decays,
     IN_BLOCK_FACTOR_BOUND,
     in_block_decay_step,
     in_block_log_decay,
+    sub_block_decays,
     load_decays,
     load_rows,
     load_vector,
@@ -44,7 +46,7 @@ def intra_scores(
     j <= i. Pointers are at this head's column 0; channels are processed BK at a time.
 
     Pairs in different sub-blocks of BC tokens go through a boundary between them (one [C, C]
-    product per boundary, cross_block_decays); pairs inside a sub-block are one [C, C] product
+    product per boundary, boundary_decays); pairs inside a sub-block are one [C, C] product
     through the sub-block's reference row (in_block_log_decay) when its decays are bounded, else
     formed column by column (in_block_decay_step), gathered as [C, BC] and spread to the diagonal
     sub-blocks at the end.
@@ -66,8 +68,9 @@ def intra_scores(
         qt = load_rows(q_ptr, t0, rows, n, stride, cols, K) * scale
         kt = load_rows(k_ptr, t0, rows, n, stride, cols, K)
         g, g_next = load_decays(g_ptr, t0, rows, n, stride, cols, K)
+        e_in, e_out, totals = sub_block_decays(g, g_next, C, BC, BK)
         for b in tl.static_range(NS - 1):
-            left, right = cross_block_decays(g, g_next, b, rows, BC)
+            left, right = boundary_decays(e_in, e_out, totals, b, rows, C, BC, BK)
             k_right = tl.trans(kt * right)
             kk += tl.dot(kt * left, k_right, input_precision=PREC)
             qk += tl.dot(qt * left, k_right, input_precision=PREC)
@@ -156,12 +159,12 @@ def _intra_fwd_kernel(
         cols = ik * BK + tl.arange(0, BK)
         kt = load_rows(k + i_h * K, t0, rows, n, H * K, cols, K)
         g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, cols, K)
-        decay_in = tl.exp(tl.cumsum(g_t, 0))  # exp(G)
+        e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
+        decay_in, decay_out = chunk_decays(e_in, e_out, totals, C, BC, BK)  # exp(G), exp(Gs)
         x = kt * decay_in * bt[:, None]
         store_rows(w + i_h * K, tl.dot(a_inv, x, input_precision=PREC), t0, rows, n, H * K, cols, K)
         qt = load_rows(q + i_h * K, t0, rows, n, H * K, cols, K)
         store_rows(qg + i_h * K, qt * decay_in * scale, t0, rows, n, H * K, cols, K)
-        decay_out = tl.exp(tl.cumsum(g_next, 0, reverse=True))  # exp(Gs)
         store_rows(kg + i_h * K, kt * decay_out, t0, rows, n, H * K, cols, K)
         gc_offs = (i_c * H + i_h).to(tl.int64) * K + cols
         tl.store(gc + gc_offs, tl.exp(tl.sum(g_t, 0)), mask=cols < K)
