@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from megatron.core import tensor_parallel
@@ -374,7 +373,9 @@ class AttnResStack(KimiLinearStack):
     # ------------------------------------------------------------------ helpers
     def _recompute(self, local_index: int) -> bool:
         """Whether full activation recomputation covers this sub-layer (recompute_granularity=full:
-        method uniform recomputes every sub-layer, method block the first recompute_num_layers)."""
+        method uniform recomputes every sub-layer, one per unit, method block the first
+        recompute_num_layers of this stage). A unit cannot span sub-layers here: each one's input
+        is a depth attention formed outside it (TrainConfig.recompute_config refuses uniform > 1)."""
         c = self.config
         if c.recompute_granularity != "full" or not self.training:
             return False
@@ -392,10 +393,8 @@ class AttnResStack(KimiLinearStack):
 
         if not self._recompute(i):
             return run(h)
-        if torch.cuda.is_available():  # megatron-core's checkpoint keeps the CUDA RNG tracker states
-            return tensor_parallel.checkpoint(run, self.config.distribute_saved_activations, h)
-        # on CPU megatron-core's checkpoint cannot save CUDA RNG state; torch's saves the CPU one
-        return torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False)
+        # megatron-core's checkpoint, as its own stacks use (on CPU: deltatron.parallel.cpu_compat, 7)
+        return tensor_parallel.checkpoint(run, self.config.distribute_saved_activations, h)
 
     def _final_aggregate(self, completed: list[Tensor]) -> Tensor:
         """The final aggregation over every source ([S, B, D] each) -> [S, B, D]."""

@@ -18,6 +18,10 @@ absent, so the GPU path is always megatron-core's own code:
 6. The tensor-parallel RNG tracker is created explicitly (its CUDA seeding cannot run), as an
    "inference" tracker whose fork() is a no-op: dropout is 0 in our models, and weights are
    initialised on CPU from the global seed (`use_cpu_initialization`), identical across layouts.
+7. Activation recomputation (`tensor_parallel.checkpoint`, behind recompute_granularity=full)
+   saves and restores the CUDA RNG state around each recomputed forward; on CPU there is none, so
+   reading it answers None and restoring it does nothing. The CPU RNG state, which the CPU ops
+   draw from, is saved and restored by the same function unchanged.
 
 Not patchable and therefore avoided on CPU: megatron-core's fp16/bf16 optimizer wrappers and
 DistributedOptimizer insist on `torch.cuda.*Tensor` parameters; CPU runs use fp32 and the
@@ -160,6 +164,12 @@ def enable() -> bool:
 
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
 
+    # 7
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
     _ENABLED = True
     return True
 
@@ -183,7 +193,7 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
 def initialize_rng(seed: int) -> None:
     """Seed the global RNG and create megatron-core's tensor-parallel RNG tracker.
 
-    On CUDA this is megatron-core's `model_parallel_cuda_manual_seed`; on CPU (patch 5) a no-op
+    On CUDA this is megatron-core's `model_parallel_cuda_manual_seed`; on CPU (patch 6) a no-op
     tracker, since the CUDA RNG states it manages do not exist.
     """
     from megatron.core import tensor_parallel

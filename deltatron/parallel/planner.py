@@ -22,8 +22,10 @@ the planner adds up, in bytes per GPU:
   micro-batches in flight on that pipeline rank under megatron-core's schedule (1F1B: pp - rank;
   interleaved: its warm-up count of model chunks + 1, divided by vpp), divided by tensor
   parallelism for head/hidden-sharded tensors and, with sequence parallelism, for the residual
-  stream too; with full recompute only each sub-layer's input is kept, plus one sub-layer
-  recomputed at a time;
+  stream too; with full recompute as the trainer runs it (`train.recompute_*`, megatron-core's
+  checkpointing; `recomputed_sublayers`) a recomputed unit keeps only its input, and the largest
+  unit's activations come back as a transient while it is recomputed; selective recompute is
+  planned as none (an upper bound);
 * context parallelism (parallel.cp): activations per rank are those of its 1/cp of the row, plus
   MLA's all-gathered K|V of the whole row and KDA's wider fp32 kernel values
   (`_context_parallel_items`);
@@ -31,7 +33,7 @@ the planner adds up, in bytes per GPU:
   (2 x layers + 1) x tokens x hidden per micro-batch in flight;
 * transient peaks, of which the largest counts: MoE token-dispatch buffers (top-k copies of the
   tokens, times the routing imbalance), the output layer's logits and fp32 softmax on the last
-  stage, the recomputed sub-layer, MuonClip's Newton-Schulz workspace.
+  stage, the recomputed unit, MuonClip's Newton-Schulz workspace.
 
 A layout fits when peak x (1 + fragmentation) + reserved <= the GPU's memory; `MemoryAssumptions`
 documents both allowances. The peak (before allowances) is what torch.cuda.max_memory_allocated
@@ -41,7 +43,7 @@ Step time: every rank's FLOPs per micro-batch (deltatron.train.flops, split by k
 `KernelRates` (measured achievable rates, not spec peaks), plus tensor-parallel and expert-parallel
 collectives at `GPUSpec` link bandwidths (under CP also MLA's K|V all-gather and dK|dV
 reduce-scatter, and the last CP rank's larger share of causal attention), times the micro-batches
-plus the pipeline bubble
+plus the pipeline bubble (recomputed sub-layers count their forward twice: 4/3 of their FLOPs)
 ((pp - 1) / vpp micro-batches), plus the exposed data-parallel gradient/parameter traffic and the
 optimizer step. MFU divides the model FLOPs (3 x forward, as the trainer logs) by the spec peak.
 """
@@ -399,6 +401,31 @@ def _layer_flops(cfg: ModelConfig, kind: str, seq_length: int) -> dict[str, floa
     return out
 
 
+def recomputed_sublayers(num_sublayers: int, recompute: str, method: Optional[str] = None,
+                         num_layers: Optional[int] = None) -> list[list[int]]:
+    """The units of one model chunk's sub-layers (0..num_sublayers-1, in order) that full recompute
+    checkpoints, as megatron-core's `checkpointed_forward` (and AttnResStack) cut them: uniform,
+    consecutive units of num_layers sub-layers covering the chunk; block, the first num_layers
+    sub-layers, one unit each. [] for none and selective."""
+    if recompute != "full":
+        return []
+    method, n = method or "uniform", num_layers or 1
+    if method == "uniform":
+        return [list(range(i, min(i + n, num_sublayers))) for i in range(0, num_sublayers, n)]
+    return [[i] for i in range(min(n, num_sublayers))]
+
+
+def describe_recompute(recompute: str, method: Optional[str] = None, num_layers: Optional[int] = None) -> str:
+    if recompute == "selective":
+        return "selective (planned as none: an upper bound)"
+    if recompute != "full":
+        return "none"
+    method, n = method or "uniform", num_layers or 1
+    if method == "uniform":
+        return f"full (uniform, {n} sub-layer{'s' if n > 1 else ''} per unit)"
+    return f"full (block, the first {n} sub-layer{'s' if n > 1 else ''} of each pipeline stage)"
+
+
 def in_flight_microbatches(par: ParallelConfig, rank: int, num_microbatches: int) -> float:
     """Micro-batches of a rank's layers whose activations are held at its peak, under
     megatron-core's schedules: none/1F1B: min(pp - rank, M); interleaved: (warm-up model chunks
@@ -423,14 +450,22 @@ def build_plan(
     optimizer: str = "adamw",
     precision: str = "bf16",
     recompute: str = "none",
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
     documents: bool = True,
     rates: KernelRates = KernelRates(),
     memory: MemoryAssumptions = MemoryAssumptions(),
 ) -> Plan:
     """The plan of one configuration on `world` GPUs of kind `gpu` (see the module docstring).
+    recompute, recompute_method, recompute_num_layers: the trainer's train.recompute_granularity,
+    _method and _num_layers (full: method uniform and 1 sub-layer per unit unless given).
     Raises ValueError naming the problem for layouts the trainer would reject."""
-    if recompute not in ("none", "full"):
-        raise ValueError(f"recompute={recompute!r}: choose none or full")
+    if recompute not in ("none", "full", "selective"):
+        raise ValueError(f"recompute={recompute!r}: choose none, full or selective")
+    if recompute_method not in (None, "uniform", "block"):
+        raise ValueError(f"recompute_method={recompute_method!r}: choose uniform or block")
+    if model.residual != "standard" and recompute == "full" and (recompute_method or "uniform") == "uniform":
+        recompute_num_layers = 1  # AttnResStack recomputes one sub-layer per unit
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision={precision!r}: plan bf16 (GPU training) or fp32")
     par.validate(world, model)
@@ -516,11 +551,16 @@ def build_plan(
             # the full matrix gathered in bf16, Newton-Schulz's X, X X^T, and the polynomial terms
             ns_workspace = 6 * 2.0 * largest_muon
         in_flight = in_flight_microbatches(par, r, num_microbatches)
-        per_mb_full = sum(act_bytes(k) for k in subs)
-        if recompute == "full":
-            per_mb = len(subs) * a * model.hidden_size * local_tokens  # each sub-layer's input
-        else:
-            per_mb = per_mb_full
+        # each model chunk is one stack: its recomputed units keep their input only
+        per_mb, recomputed_unit = 0.0, 0.0
+        for chunk in rank_chunks:
+            chunk_subs = [kinds[2 * i + j] for i in chunk for j in (0, 1)]
+            units = recomputed_sublayers(len(chunk_subs), recompute, recompute_method, recompute_num_layers)
+            covered = {s for u in units for s in u}
+            per_mb += len(units) * a * model.hidden_size * local_tokens
+            per_mb += sum(act_bytes(k) for s, k in enumerate(chunk_subs) if s not in covered)
+            for u in units:
+                recomputed_unit = max(recomputed_unit, sum(act_bytes(chunk_subs[s]) for s in u))
         # the final norm and output layer input on the last stage
         if r == pp - 1:
             per_mb += 2 * a * model.hidden_size * local_tokens
@@ -535,8 +575,8 @@ def build_plan(
         if r == pp - 1:
             # logits (bf16), their fp32 copy and softmax in the vocab-parallel cross entropy
             transients["logits + fp32 softmax"] = (a + 4 + 4) * model.vocab_size / t * tokens
-        if recompute == "full":
-            transients["recomputed sub-layer"] = max(act_bytes(k) for k in subs)
+        if recomputed_unit:
+            transients["recomputed unit"] = recomputed_unit
         if ns_workspace:
             transients["Newton-Schulz workspace"] = ns_workspace
         kind = max(transients, key=transients.get)
@@ -550,13 +590,15 @@ def build_plan(
     # ---- step time
     def rank_seconds(rm: RankMemory) -> dict[str, float]:
         flops: dict[str, float] = {}
-        for i in rm.layers:
-            for j in (0, 1):
+        for chunk in chunks[rm.pipeline_rank]:
+            units = recomputed_sublayers(2 * len(chunk), recompute, recompute_method, recompute_num_layers)
+            covered = {s for u in units for s in u}
+            for s, (i, j) in enumerate((i, j) for i in chunk for j in (0, 1)):
+                again = 4.0 / 3.0 if s in covered else 1.0  # a recomputed forward: 4 passes' FLOPs, not 3
                 for key, v in _layer_flops(model, kinds[2 * i + j], seq_length).items():
-                    flops[key] = flops.get(key, 0.0) + v
+                    flops[key] = flops.get(key, 0.0) + v * again
         if rm.pipeline_rank == pp - 1:
             flops["dense"] = flops.get("dense", 0.0) + 6.0 * model.vocab_size * model.hidden_size
-        scale = 4.0 / 3.0 if recompute == "full" else 1.0  # one more forward
         work_tokens = micro_batch_size * seq_length / (cp * t)  # a rank's share of a micro-batch
         # tokens each local expert gets per micro-batch: this rank's tokens and those of the
         # other EP ranks (x etp gathered), top-k copies spread over all experts
@@ -569,7 +611,7 @@ def build_plan(
         # mean causal attention work within one long document (the slowest rank sets the pace)
         imbalance = {"experts": memory.moe_imbalance, "attention": (2 * cp - 1) / cp}
         compute = sum(
-            v * work_tokens * scale * imbalance.get(key, 1.0) / (rate[key] * 1e12)
+            v * work_tokens * imbalance.get(key, 1.0) / (rate[key] * 1e12)
             for key, v in flops.items()
         )
         subs = [kinds[2 * i + j] for i in rm.layers for j in (0, 1)]
@@ -636,7 +678,8 @@ def build_plan(
     model_flops = training_flops_per_token(model, seq_length) * tokens_per_step
     return Plan(
         model=model.name, gpu=gpu, world=world, layout=par.describe(world), dp=dp, expert_dp=expert_dp,
-        optimizer=optimizer, recompute=recompute, seq_length=seq_length,
+        optimizer=optimizer, recompute=describe_recompute(recompute, recompute_method, recompute_num_layers),
+        seq_length=seq_length,
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
         num_microbatches=num_microbatches, ranks=ranks, required=required, capacity=float(gpu.memory_bytes),
         step_seconds=step, step_breakdown=breakdown, tokens_per_second=tokens_per_step / step,
@@ -707,9 +750,12 @@ def format_plan(plan: Plan) -> str:
                 f"DOES NOT FIT: pp{r.pipeline_rank} needs {plan.required[r.pipeline_rank] / GiB:.2f} GiB > "
                 f"{plan.capacity / GiB:.2f} GiB ({', '.join(f'{k} {v / GiB:.2f}' for k, v in terms[:4])} GiB)"
             )
+        recompute = "" if plan.recompute.startswith("full (uniform") else (
+            "activation recomputation (train.recompute_granularity=full), "
+        )
         lines.append(
             "  options: more tensor/pipeline/expert parallelism, a smaller train.micro_batch_size or "
-            "data.seq_length, --recompute full, more GPUs, or a larger GPU (--gpu)"
+            f"data.seq_length, {recompute}more GPUs, or a larger GPU (--gpu)"
         )
     return "\n".join(lines)
 
@@ -738,15 +784,34 @@ def compose_run_config(overrides: list[str]):
     return to_run_config(cfg)[0]
 
 
-def plan_from_overrides(overrides: list[str], *, gpus: int, gpu: str, recompute: str = "none") -> Plan:
+def recompute_overrides(recompute: str) -> list[str]:
+    """The Hydra overrides that `--recompute X` stands for, placed after the others:
+    train.recompute_granularity=X, with the fields that do not apply to X reset (those that do,
+    e.g. train.recompute_method with full, are kept)."""
+    out = [f"train.recompute_granularity={recompute}"]
+    if recompute != "full":
+        out += ["train.recompute_method=null", "train.recompute_num_layers=null"]
+    if recompute != "selective":
+        out += ["train.recompute_modules=null"]
+    return out
+
+
+def plan_from_overrides(overrides: list[str], *, gpus: int, gpu: str, recompute: Optional[str] = None) -> Plan:
+    """The plan of the run these overrides configure. Activation recomputation is the run's own
+    (train.recompute_*); `recompute` (none/full/selective) replaces its granularity."""
     if gpu not in GPUS:
         raise ValueError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}")
+    if recompute is not None:
+        overrides = list(overrides) + recompute_overrides(recompute)  # Hydra: the last value wins
     run = compose_run_config(overrides)
     precision = "bf16" if run.train.precision in ("auto", "bf16") else "fp32"
+    if run.train.recompute_granularity == "full":
+        run.train.recompute_config(run.model)  # the trainer's checks of method and unit size
     return build_plan(
         run.model, run.parallel, world=gpus, gpu=GPUS[gpu], seq_length=run.data.seq_length,
         micro_batch_size=run.train.micro_batch_size, global_batch_size=run.train.global_batch_size,
-        optimizer=run.optim.name, precision=precision, recompute=recompute,
+        optimizer=run.optim.name, precision=precision, recompute=run.train.recompute_granularity,
+        recompute_method=run.train.recompute_method, recompute_num_layers=run.train.recompute_num_layers,
         documents=run.data.document_boundaries,
     )
 
@@ -760,9 +825,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gpus", type=int, required=True, help="world size (number of GPUs)")
     parser.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")
     parser.add_argument(
-        "--recompute", default="none", choices=("none", "full"),
-        help="activation recomputation to plan for (the trainer does not recompute yet: plans with "
-        "'full' are what it would need)",
+        "--recompute", default=None, choices=("none", "full", "selective"),
+        help="activation recomputation: short for the override train.recompute_granularity=X "
+        "(default: the run configuration's train.recompute_*; full plans megatron-core's "
+        "checkpointing as the trainer runs it, method and unit size from train.recompute_method "
+        "and train.recompute_num_layers, uniform 1 by default)",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=kimi_linear_48b_a3b parallel.tp=2")

@@ -106,9 +106,23 @@ class TrainConfig:
     # stop the run
     max_bad_steps: int = 5
     loss_spike_factor: float = 0.0
+    # Activation recomputation: megatron-core's, selected as with Megatron-LM's --recompute-*
+    # flags and passed into its TransformerConfig (`recompute_config`). Layers count the hybrid
+    # stack's sub-layers (two per Kimi layer: the KDA/MLA mixer and the dense/MoE FFN).
+    #   none:      every activation is kept for the backward
+    #   full:      a recomputed unit keeps only its input and runs its forward again in the
+    #              backward. recompute_method uniform (default): every sub-layer of every pipeline
+    #              stage, in units of recompute_num_layers (default 1) consecutive sub-layers;
+    #              block: only the first recompute_num_layers sub-layers of each pipeline stage
+    #   selective: only the recompute_modules inside each sub-layer (default [core_attn]; see
+    #              RECOMPUTE_MODULES for what works with deltatron's layers)
+    recompute_granularity: str = "none"
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
-        errors = []
+        errors = self._recompute_errors()
         if self.steps < 1:
             errors.append(f"train.steps={self.steps} must be >= 1")
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
@@ -126,6 +140,114 @@ class TrainConfig:
             errors.append(f"train.loss_spike_factor={self.loss_spike_factor}: use 0 (off) or a factor > 1")
         if errors:
             raise ValueError("invalid train config: " + "; ".join(errors))
+
+    def _recompute_errors(self) -> list[str]:
+        errors = []
+        g = self.recompute_granularity
+        if g not in ("none", "full", "selective"):
+            return [f"train.recompute_granularity={g!r}: choose none, full or selective"]
+        if g != "full" and (self.recompute_method is not None or self.recompute_num_layers is not None):
+            errors.append(
+                f"train.recompute_method / train.recompute_num_layers apply to "
+                f"train.recompute_granularity=full only (it is {g}); leave them null"
+            )
+        if g != "selective" and self.recompute_modules is not None:
+            errors.append(
+                f"train.recompute_modules applies to train.recompute_granularity=selective only (it is {g}); "
+                "leave it null"
+            )
+        if g == "full":
+            if self.recompute_method not in (None, "uniform", "block"):
+                errors.append(f"train.recompute_method={self.recompute_method!r}: choose uniform or block")
+            if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+                errors.append(f"train.recompute_num_layers={self.recompute_num_layers} must be >= 1")
+            if self.recompute_method == "block" and self.recompute_num_layers is None:
+                errors.append(
+                    "train.recompute_method=block needs train.recompute_num_layers (the sub-layers "
+                    "recomputed on each pipeline stage)"
+                )
+        if g == "selective":
+            modules = self.recompute_modules if self.recompute_modules is not None else ["core_attn"]
+            if not modules:
+                errors.append("train.recompute_modules=[] recomputes nothing: name modules or use recompute_granularity=none")
+            for m in modules:
+                if m in RECOMPUTE_MODULES_REFUSED:
+                    errors.append(f"train.recompute_modules: {m!r} {RECOMPUTE_MODULES_REFUSED[m]}")
+                elif m not in RECOMPUTE_MODULES:
+                    errors.append(
+                        f"train.recompute_modules: unknown module {m!r}; choose from {', '.join(RECOMPUTE_MODULES)}"
+                    )
+        return errors
+
+    def recompute_config(self, model: ModelConfig) -> dict:
+        """The recomputation fields of megatron-core's TransformerConfig for this model (empty for
+        none). Raises ValueError for choices that do not work with this model or installation."""
+        g = self.recompute_granularity
+        if g == "none":
+            return {}
+        if g == "full":
+            sublayers = 2 * model.num_layers
+            method = self.recompute_method or "uniform"
+            num = self.recompute_num_layers or 1
+            if num > sublayers:
+                raise ValueError(
+                    f"train.recompute_num_layers={num} exceeds the model's {sublayers} sub-layers "
+                    f"(two per layer of model.num_layers={model.num_layers})"
+                )
+            if model.residual != "standard" and method == "uniform" and num > 1:
+                raise ValueError(
+                    f"model.residual={model.residual} recomputes one sub-layer per unit (each sub-layer's "
+                    "input is a depth attention over earlier outputs, formed outside the unit): use "
+                    "train.recompute_num_layers=1 with recompute_method=uniform, or recompute_method=block"
+                )
+            return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num)
+        modules = list(self.recompute_modules) if self.recompute_modules is not None else ["core_attn"]
+        from deltatron.model.te import resolve_transformer_impl, te_available
+
+        impl = resolve_transformer_impl(model.transformer_impl)
+        has_moe = model.first_k_dense < model.num_layers
+        if "layernorm" in modules and not te_available():
+            raise ValueError(
+                "train.recompute_modules: 'layernorm' needs Transformer Engine installed (megatron-core "
+                "0.19.2's CheckpointWithoutOutput reads TE's FP8 state even in bf16/fp32 and fails "
+                "without it); install the `te` extra or leave 'layernorm' out"
+            )
+        if "moe_act" in modules and not (has_moe and impl == "transformer_engine" and model.moe_grouped_gemm):
+            raise ValueError(
+                "train.recompute_modules: 'moe_act' recomputes the activation inside Transformer "
+                "Engine's grouped experts: it needs MoE layers, model.transformer_impl resolving to "
+                "transformer_engine and model.moe_grouped_gemm=true (deltatron's local "
+                "GroupedGemmExperts does not implement it); use 'moe' instead"
+            )
+        if ("moe" in modules or "shared_experts" in modules) and not has_moe:
+            raise ValueError("train.recompute_modules: 'moe'/'shared_experts' need MoE layers (model.first_k_dense < num_layers)")
+        if "shared_experts" in modules and not model.num_shared_experts:
+            raise ValueError("train.recompute_modules: 'shared_experts' needs model.num_shared_experts >= 1")
+        return dict(recompute_granularity="selective", recompute_modules=modules)
+
+    def describe_recompute(self) -> str:
+        """One phrase for banners and plans, e.g. 'full (uniform, 1 sub-layer per unit)'."""
+        g = self.recompute_granularity
+        if g == "full":
+            method, num = self.recompute_method or "uniform", self.recompute_num_layers or 1
+            if method == "uniform":
+                return f"full (uniform, {num} sub-layer{'s' if num > 1 else ''} per unit)"
+            return f"full (block, the first {num} sub-layer{'s' if num > 1 else ''} of each pipeline stage)"
+        if g == "selective":
+            return f"selective ({', '.join(self.recompute_modules or ['core_attn'])})"
+        return "none"
+
+
+# Selective recomputation (train.recompute_granularity=selective): megatron-core's module names
+# that work with deltatron's layers. Checked on CPU (local modules, tests/test_recompute.py:
+# identical loss and gradients): core_attn (MLA's core attention; KDA's kernels already keep only
+# their inputs), mla_up_proj (MLA's K/V/Q up-projections), mlp (dense FFN sub-layers), moe (the
+# whole MoE sub-layer), shared_experts. 'layernorm' and 'moe_act' need Transformer Engine
+# (TrainConfig.recompute_config says why).
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "mlp", "moe", "shared_experts", "layernorm", "moe_act")
+RECOMPUTE_MODULES_REFUSED = {
+    "gdn_norm_out": "is megatron-core's GatedDeltaNet output norm; deltatron's KDA layer has no such hook",
+}
 
 
 @dataclass

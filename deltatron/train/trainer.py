@@ -105,6 +105,7 @@ class Trainer:
         self.world_size = dist.get_world_size()
         par.validate(self.world_size, cfg.model)
         par.validate_sequence(cfg.data.seq_length, train.micro_batch_size, cfg.model)
+        train.recompute_config(cfg.model)  # recomputation choices this model cannot take fail here
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         per_step = train.micro_batch_size * self.dp_size
@@ -199,6 +200,8 @@ class Trainer:
             # MuonClip's QK-clip needs each MLA head's max attention logit from the core attention
             qk_clip=self.cfg.optim.name == "muonclip" and self.cfg.optim.qk_clip_tau is not None,
             qk_clip_threshold=self.cfg.optim.qk_clip_tau or 100.0,
+            # activation recomputation (train.recompute_*), megatron-core's own
+            **self.cfg.train.recompute_config(self.cfg.model),
         )
         chunks = []
         for vp_stage in range(par.vpp or 1):
@@ -434,7 +437,8 @@ class Trainer:
                     f"{local / 1e6:.2f}M on this rank",
                     f"layout: {self.cfg.parallel.describe(self.world_size)}, precision {self.precision}, "
                     f"device {self.device.type}, layers {self.cfg.model.layer_pattern()}, optimizer "
-                    f"{self.cfg.optim.name}{' (megatron-core distributed optimizer)' if self.distributed_optimizer else ''}",
+                    f"{self.cfg.optim.name}{' (megatron-core distributed optimizer)' if self.distributed_optimizer else ''}, "
+                    f"recompute {self.cfg.train.describe_recompute()}",
                     f"batch: {self.cfg.train.global_batch_size} x {self.seq_length} = "
                     f"{self.tokens_per_step} tokens per step, {self.num_microbatches} micro-batches of "
                     f"{self.cfg.train.micro_batch_size}, documents "
@@ -608,10 +612,12 @@ class Trainer:
 def describe_dry_run(cfg: RunConfig, resolved: dict) -> str:
     """What `train.dry_run=true` prints: the resolved config and the model's size."""
     counts = cfg.model.parameter_counts()
+    cfg.train.recompute_config(cfg.model)  # raises for recomputation this model cannot take
     return (
         OmegaConf.to_yaml(OmegaConf.create(resolved))
         + f"\nmodel {cfg.model.name}: {counts['total']:,} parameters, {counts['active']:,} active per token "
         f"({counts['active_no_embedding']:,} without embeddings and output layer)\n"
         f"layers: {cfg.model.layer_pattern()}\n"
+        f"recompute: {cfg.train.describe_recompute()}\n"
         "dry run: configuration is valid; no training was done"
     )
