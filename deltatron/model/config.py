@@ -286,6 +286,9 @@ def _kimi_transformer_config_cls():
         # residual stream between sub-layers (ModelConfig.residual, attnres_blocks)
         residual: str = "standard"
         attnres_blocks: int = 8
+        # output-layer loss by blocks of this many tokens, 0: megatron-core's logits + vocab-parallel
+        # cross entropy (train.cross_entropy_chunk_size; deltatron/model/chunked_loss.py)
+        cross_entropy_chunk_size: int = 0
 
     return KimiLinearTransformerConfig
 

@@ -11,12 +11,15 @@ from typing import Optional
 
 import torch
 
+from megatron.core import tensor_parallel
+from megatron.core.inference.utils import InferenceMode
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import build_module
 
+from deltatron.model.chunked_loss import ChunkedLossOutputLayer, DeferredLogits, chunked_vocab_parallel_cross_entropy
 from deltatron.model.config import ModelConfig
 
 
@@ -36,6 +39,46 @@ class KimiLinearStack(HybridStack):
             )
 
 
+class KimiLinearModel(HybridModel):
+    """megatron-core's HybridModel with the output-layer loss by blocks of tokens when the config's
+    cross_entropy_chunk_size (train.cross_entropy_chunk_size) is > 0 (deltatron/model/chunked_loss.py).
+
+    The output layer is megatron-core's ColumnParallelLinear as ChunkedLossOutputLayer (same
+    parameters); a training or evaluation forward with labels has it hand over its input and weight
+    instead of logits, and compute_language_model_loss computes the same per-token loss from them
+    without materialising [tokens, vocab]. Without labels (logits wanted) or with the size 0
+    everything is megatron-core's path.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        chunk = getattr(self.config, "cross_entropy_chunk_size", 0)
+        if chunk and (self.mtp_process or self.config.use_mup):
+            raise ValueError("train.cross_entropy_chunk_size does not support multi-token prediction or MuP logit scaling")
+        if getattr(self, "output_layer", None) is not None and type(self.output_layer) is tensor_parallel.ColumnParallelLinear:
+            self.output_layer.__class__ = ChunkedLossOutputLayer  # adds behaviour only, no state
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, *args, **kwargs):
+        chunked = (
+            getattr(self.config, "cross_entropy_chunk_size", 0) > 0 and labels is not None
+            and self.post_process and not InferenceMode.is_active()
+        )
+        if not chunked:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
+        self.output_layer.defer_logits = True
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
+        finally:
+            self.output_layer.defer_logits = False
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits) -> torch.Tensor:
+        if isinstance(logits, DeferredLogits):
+            return chunked_vocab_parallel_cross_entropy(
+                logits.hidden, logits.weight, labels, self.config.cross_entropy_chunk_size, logits.tp_group
+            )
+        return super().compute_language_model_loss(labels, logits)
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -45,7 +88,7 @@ def build_model(
     pg_collection: Optional[ProcessGroupCollection] = None,
     layer_pattern: Optional[str] = None,
     **transformer_config_overrides,
-) -> HybridModel:
+) -> KimiLinearModel:
     """Build the model (or this rank's pipeline stage of it).
 
     transformer_config_overrides: fields of megatron-core's TransformerConfig for the parallel
@@ -67,7 +110,7 @@ def build_model(
         # one symbol per sub-layer, '|' between pipeline stages
         stage_sublayers=tuple(len(seg) for seg in pattern.split("|")),
     )
-    return HybridModel(
+    return KimiLinearModel(
         config=tc,
         hybrid_stack_spec=spec,
         vocab_size=cfg.vocab_size,
@@ -95,7 +138,7 @@ def _meta_device():
         torch.cuda.current_device = saved
 
 
-def build_model_on_meta(cfg: ModelConfig, **kwargs) -> HybridModel:
+def build_model_on_meta(cfg: ModelConfig, **kwargs) -> KimiLinearModel:
     """Build the model with meta tensors only: shapes and counts without memory or init."""
     with _meta_device():
         return build_model(

@@ -120,9 +120,18 @@ class TrainConfig:
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     recompute_modules: Optional[list[str]] = None
+    # Output-layer loss by blocks of tokens (deltatron/model/chunked_loss.py): > 0 computes the
+    # logits and the fp32 cross entropy this many tokens at a time and recomputes each block's
+    # logits in the backward, so no [tokens, vocab] tensor is kept (megatron-core's path keeps
+    # ~10 bytes per token and vocab entry at bf16: 100 GiB for 64k tokens of a 163,840 vocab).
+    # The same loss and gradients; costs one more output-layer matmul. 0: megatron-core's
+    # output layer and vocab_parallel_cross_entropy. Passed into its TransformerConfig.
+    cross_entropy_chunk_size: int = 0
 
     def __post_init__(self) -> None:
         errors = self._recompute_errors()
+        if self.cross_entropy_chunk_size < 0:
+            errors.append(f"train.cross_entropy_chunk_size={self.cross_entropy_chunk_size} must be >= 0 (0: off)")
         if self.steps < 1:
             errors.append(f"train.steps={self.steps} must be >= 1")
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:

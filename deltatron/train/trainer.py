@@ -202,6 +202,8 @@ class Trainer:
             qk_clip_threshold=self.cfg.optim.qk_clip_tau or 100.0,
             # activation recomputation (train.recompute_*), megatron-core's own
             **self.cfg.train.recompute_config(self.cfg.model),
+            # the output layer's loss by blocks of tokens (train.cross_entropy_chunk_size)
+            cross_entropy_chunk_size=self.cfg.train.cross_entropy_chunk_size,
         )
         chunks = []
         for vp_stage in range(par.vpp or 1):
