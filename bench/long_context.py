@@ -12,12 +12,15 @@ the longer ones are still tried.
 On a GPU the lengths train with full activation recomputation (train.recompute_granularity=full,
 uniform, one sub-layer per unit: every sub-layer keeps only its input and runs its forward again
 in the backward); without it the proxy's activations alone exceed one H200 from 64k on
-(deltatron-plan: 151 GiB at 64k, 3.3 GiB with it). Even so the planner expects the output layer's
-logits and fp32 softmax (100 GiB at 64k, 200 at 128k, 400 at 256k) to leave 64k marginal (144.5
-of 140.4 GiB with its allowances, 129 GiB allocated) and 128k/256k out of reach: such lengths are
-recorded as out of memory. An override turns it off or changes it, e.g.
-`train.recompute_granularity=none` or `train.recompute_method=block train.recompute_num_layers=8`.
-The per-layer times then include the recomputed forward. `--cpu` runs without recomputation.
+(deltatron-plan: 151 GiB at 64k, 3.3 GiB with it). They also compute the output layer's loss by
+blocks of 4096 tokens (train.cross_entropy_chunk_size=4096, deltatron/model/chunked_loss.py):
+megatron-core's whole-sequence logits and fp32 softmax would take 100 GiB at 64k, 200 at 128k and
+400 at 256k. With both, deltatron-plan expects on one H200 peaks of 38.3 / 50.6 / 75.3 GiB at
+64k / 128k / 256k (46.3 / 59.6 / 86.3 of 140.4 GiB with its allowances; the largest transient is
+then the recomputed sub-layer, the loss's block term about 5 GiB). Overrides turn either off or
+change them, e.g. `train.recompute_granularity=none`, `train.cross_entropy_chunk_size=0` or
+`train.recompute_method=block train.recompute_num_layers=8`. The per-layer times then include the
+recomputed forward. `--cpu` runs without recomputation or chunked loss.
 
 Per length: median step seconds over --steps timed steps after --warmup, tokens/s, peak memory
 (torch.cuda.max_memory_allocated; on CPU the process's peak RSS), and the time of one KDA layer
@@ -47,8 +50,10 @@ from common import REPO, ResultsFile, compose, device_name, device_tag, environm
 
 GPU_LENGTHS = (65536, 131072, 262144)
 CPU_LENGTHS = (256, 512, 1024)
-# GPU default, placed before the command line's overrides (Hydra: the last value wins)
+# GPU defaults, placed before the command line's overrides (Hydra: the last value wins): full
+# recompute and the output layer's loss by blocks of tokens
 GPU_RECOMPUTE = ("train.recompute_granularity=full",)
+GPU_CHUNKED_LOSS = ("train.cross_entropy_chunk_size=4096",)
 
 
 def measure(length: int, steps: int, warmup: int, cpu: bool, run_dir: str, overrides: list[str]) -> dict:
@@ -64,7 +69,7 @@ def measure(length: int, steps: int, warmup: int, cpu: bool, run_dir: str, overr
         f"model.max_sequence_length={length}", "train.micro_batch_size=1", "train.global_batch_size=1",
         "data.mock=true", "data.document_boundaries=false", "train.eval_interval=0",
         "train.save_interval=0", "logging.wandb=false", f"train.steps={warmup + steps}",
-        f"train.run_dir={run_dir}", *(["train.precision=fp32"] if cpu else GPU_RECOMPUTE), *overrides,
+        f"train.run_dir={run_dir}", *(["train.precision=fp32"] if cpu else GPU_RECOMPUTE + GPU_CHUNKED_LOSS), *overrides,
     ])
     trainer = Trainer(cfg, resolved)
     timed_steps(trainer, warmup)
@@ -84,6 +89,7 @@ def measure(length: int, steps: int, warmup: int, cpu: bool, run_dir: str, overr
         "status": "ok", "seq_length": length, "step_s": step, "tokens_per_sec": length / step,
         "peak_memory_gib": peak, "layers": dict(times.counts), "precision": trainer.precision,
         "recompute": cfg.train.describe_recompute(),
+        "cross_entropy_chunk_size": cfg.train.cross_entropy_chunk_size,
         # seconds per layer and step, forward + backward
         "kda_layer_s": kinds["kda"] / steps / max(times.counts["kda"], 1),
         "mla_layer_s": kinds["mla"] / steps / max(times.counts["mla"], 1),

@@ -233,3 +233,33 @@ def test_tensor_parallel_with_chunked_loss_trains_the_same(tmp_path, process_gro
         assert rank_result.keys() == TWO_PROCESS.keys()
         for name, (loss, state) in rank_result.items():
             assert loss < 1e-6 and state < 1e-5, (name, loss, state)
+
+
+# ------------------------------------------------------------------ the planner
+def test_planner_counts_one_block_of_logits():
+    from deltatron.parallel.planner import GiB, format_plan, plan_from_overrides
+
+    length = 65536
+    base = ["model=proxy", f"data.seq_length={length}", f"model.max_sequence_length={length}",
+            "train.micro_batch_size=1", "train.global_batch_size=1", "data.document_boundaries=false",
+            "train.recompute_granularity=full"]
+
+    def plan(*extra):
+        return plan_from_overrides(base + list(extra), gpus=1, gpu="h200")
+
+    whole, chunked = plan(), plan("train.cross_entropy_chunk_size=4096")
+    assert whole.ranks[0].transient_kind == "logits + fp32 softmax" and not whole.fits
+    # 163,840 vocab x 65,536 tokens x (2 + 4 + 4) bytes
+    assert whole.ranks[0].transient == pytest.approx(10 * 163840 * length)
+    assert chunked.fits and chunked.cross_entropy_chunk_size == 4096
+    assert chunked.ranks[0].peak < whole.ranks[0].peak - 90 * GiB
+    # the block: fp32 + bf16 logits of 4096 tokens, the weight's fp32 + bf16 gradient, grad hidden
+    loss_term = 6 * 163840 * 4096 + 6 * 163840 * 1024 + 2 * 1024 * length
+    small = plan("train.cross_entropy_chunk_size=4096", "train.recompute_granularity=none",
+                 "data.seq_length=4096", "model.max_sequence_length=4096")
+    assert small.ranks[0].transient_kind == "chunked loss: one block's logits"
+    assert small.ranks[0].transient == pytest.approx(6 * 163840 * 4096 + 6 * 163840 * 1024 + 2 * 1024 * 4096)
+    assert loss_term < chunked.ranks[0].transient  # at 64k the recomputed unit is the larger transient
+    assert chunked.step_seconds > whole.step_seconds  # one more output-layer matmul
+    assert "loss by blocks of 4096 tokens" in format_plan(chunked)
+    assert "train.cross_entropy_chunk_size=4096" in format_plan(whole)

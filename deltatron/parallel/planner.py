@@ -33,7 +33,9 @@ the planner adds up, in bytes per GPU:
   (2 x layers + 1) x tokens x hidden per micro-batch in flight;
 * transient peaks, of which the largest counts: MoE token-dispatch buffers (top-k copies of the
   tokens, times the routing imbalance), the output layer's logits and fp32 softmax on the last
-  stage, the recomputed unit, MuonClip's Newton-Schulz workspace.
+  stage (with train.cross_entropy_chunk_size > 0 one block's logits, fp32 copy and bf16 gradient,
+  plus the output weight's fp32 gradient accumulator: deltatron/model/chunked_loss.py), the
+  recomputed unit, MuonClip's Newton-Schulz workspace.
 
 A layout fits when peak x (1 + fragmentation) + reserved <= the GPU's memory; `MemoryAssumptions`
 documents both allowances. The peak (before allowances) is what torch.cuda.max_memory_allocated
@@ -375,6 +377,7 @@ class Plan:
     tokens_per_second: float
     mfu: float
     assumptions: dict = field(default_factory=dict)
+    cross_entropy_chunk_size: int = 0  # train.cross_entropy_chunk_size (0: whole logits)
 
     @property
     def worst(self) -> int:
@@ -452,6 +455,7 @@ def build_plan(
     recompute: str = "none",
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    cross_entropy_chunk_size: int = 0,
     documents: bool = True,
     rates: KernelRates = KernelRates(),
     memory: MemoryAssumptions = MemoryAssumptions(),
@@ -459,6 +463,7 @@ def build_plan(
     """The plan of one configuration on `world` GPUs of kind `gpu` (see the module docstring).
     recompute, recompute_method, recompute_num_layers: the trainer's train.recompute_granularity,
     _method and _num_layers (full: method uniform and 1 sub-layer per unit unless given).
+    cross_entropy_chunk_size: train.cross_entropy_chunk_size (0: megatron-core's whole logits).
     Raises ValueError naming the problem for layouts the trainer would reject."""
     if recompute not in ("none", "full", "selective"):
         raise ValueError(f"recompute={recompute!r}: choose none, full or selective")
@@ -572,7 +577,17 @@ def build_plan(
         }
         if "moe" in subs:
             transients["MoE dispatch buffers"] = 2.0 * k_routed * etp * a * model.hidden_size * local_tokens
-        if r == pp - 1:
+        if r == pp - 1 and cross_entropy_chunk_size > 0:
+            # one block's logits: fp32, with the bf16 matmul output (forward) or bf16 logit
+            # gradient (backward) beside it; the output weight's fp32 gradient accumulator and,
+            # bf16, one block's weight gradient; the gradient of the output layer's input
+            block = min(cross_entropy_chunk_size, tokens)
+            low = a if a != 4 else 0  # fp32: the matmul output is the fp32 tensor, updated in place
+            vh = model.vocab_size / t * model.hidden_size
+            transients["chunked loss: one block's logits"] = (
+                (4 + low) * model.vocab_size / t * block + (4 + low) * vh + a * model.hidden_size * tokens
+            )
+        elif r == pp - 1:
             # logits (bf16), their fp32 copy and softmax in the vocab-parallel cross entropy
             transients["logits + fp32 softmax"] = (a + 4 + 4) * model.vocab_size / t * tokens
         if recomputed_unit:
@@ -598,7 +613,9 @@ def build_plan(
                 for key, v in _layer_flops(model, kinds[2 * i + j], seq_length).items():
                     flops[key] = flops.get(key, 0.0) + v * again
         if rm.pipeline_rank == pp - 1:
-            flops["dense"] = flops.get("dense", 0.0) + 6.0 * model.vocab_size * model.hidden_size
+            # the chunked loss runs the output layer's forward matmul again in the backward
+            passes = 8.0 if cross_entropy_chunk_size > 0 else 6.0
+            flops["dense"] = flops.get("dense", 0.0) + passes * model.vocab_size * model.hidden_size
         work_tokens = micro_batch_size * seq_length / (cp * t)  # a rank's share of a micro-batch
         # tokens each local expert gets per micro-batch: this rank's tokens and those of the
         # other EP ranks (x etp gathered), top-k copies spread over all experts
@@ -685,6 +702,7 @@ def build_plan(
         step_seconds=step, step_breakdown=breakdown, tokens_per_second=tokens_per_step / step,
         mfu=model_flops / (step * world * gpu.peak_tflops * 1e12),
         assumptions={"rates": asdict(rates), "memory": asdict(memory)},
+        cross_entropy_chunk_size=cross_entropy_chunk_size,
     )
 
 
@@ -698,7 +716,9 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"deltatron-plan: {plan.model} on {plan.world} x {plan.gpu.name}: {plan.layout}, expert-dp {plan.expert_dp}",
         f"  batch {plan.global_batch_size} x {plan.seq_length} tokens per step, micro-batch {plan.micro_batch_size}, "
-        f"{plan.num_microbatches} micro-batches per data-parallel rank; optimizer {plan.optimizer}; recompute {plan.recompute}",
+        f"{plan.num_microbatches} micro-batches per data-parallel rank; optimizer {plan.optimizer}; recompute {plan.recompute}; "
+        + (f"loss by blocks of {plan.cross_entropy_chunk_size} tokens" if plan.cross_entropy_chunk_size
+           else "whole-sequence logits"),
         "",
         "memory per GPU (GiB)          " + "".join(f"   pp{r.pipeline_rank:<4d}" for r in plan.ranks),
     ]
@@ -753,9 +773,10 @@ def format_plan(plan: Plan) -> str:
         recompute = "" if plan.recompute.startswith("full (uniform") else (
             "activation recomputation (train.recompute_granularity=full), "
         )
+        chunked = "" if plan.cross_entropy_chunk_size else "the chunked loss (train.cross_entropy_chunk_size=4096), "
         lines.append(
             "  options: more tensor/pipeline/expert parallelism, a smaller train.micro_batch_size or "
-            f"data.seq_length, {recompute}more GPUs, or a larger GPU (--gpu)"
+            f"data.seq_length, {recompute}{chunked}more GPUs, or a larger GPU (--gpu)"
         )
     return "\n".join(lines)
 
@@ -812,7 +833,7 @@ def plan_from_overrides(overrides: list[str], *, gpus: int, gpu: str, recompute:
         micro_batch_size=run.train.micro_batch_size, global_batch_size=run.train.global_batch_size,
         optimizer=run.optim.name, precision=precision, recompute=run.train.recompute_granularity,
         recompute_method=run.train.recompute_method, recompute_num_layers=run.train.recompute_num_layers,
-        documents=run.data.document_boundaries,
+        cross_entropy_chunk_size=run.train.cross_entropy_chunk_size, documents=run.data.document_boundaries,
     )
 
 

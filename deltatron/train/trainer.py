@@ -440,7 +440,9 @@ class Trainer:
                     f"layout: {self.cfg.parallel.describe(self.world_size)}, precision {self.precision}, "
                     f"device {self.device.type}, layers {self.cfg.model.layer_pattern()}, optimizer "
                     f"{self.cfg.optim.name}{' (megatron-core distributed optimizer)' if self.distributed_optimizer else ''}, "
-                    f"recompute {self.cfg.train.describe_recompute()}",
+                    f"recompute {self.cfg.train.describe_recompute()}, loss "
+                    + (f"by blocks of {self.cfg.train.cross_entropy_chunk_size} tokens"
+                       if self.cfg.train.cross_entropy_chunk_size else "on whole logits"),
                     f"batch: {self.cfg.train.global_batch_size} x {self.seq_length} = "
                     f"{self.tokens_per_step} tokens per step, {self.num_microbatches} micro-batches of "
                     f"{self.cfg.train.micro_batch_size}, documents "
