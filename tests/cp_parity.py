@@ -62,17 +62,8 @@ def train(layout: dict, init_ckpt: str, final_ckpt: str, run_dir: str, save_init
     from megatron.core import parallel_state
 
     from deltatron.train.checkpoint import load_model, save_model
-    from deltatron.train.trainer import Trainer
 
-    cfg = run_config(layout, run_dir)
-
-    class _Deferred:  # the data-parallel rank is known once the trainer made the process groups
-        pass
-
-    trainer = Trainer(cfg, dataclasses.asdict(cfg), data=_Deferred())
-    trainer.data = LongBatches(
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    )
+    trainer = parity.make_trainer(run_config(layout, run_dir), LongBatches)
     if save_init:
         save_model(trainer.model, init_ckpt)
     else:

@@ -86,30 +86,53 @@ class FixedBatches:
         return "fixed test batch"
 
 
-def train_layout(layout: dict, init_ckpt: str, final_ckpt: str | None, run_dir: str,
-                 model_overrides: dict | None = None, optim_overrides: dict | None = None) -> list[float]:
-    """Losses of STEPS optimizer steps under `layout`, starting from `init_ckpt`."""
+def make_trainer(cfg: RunConfig, batches=None):
+    """A Trainer for cfg fed by `batches` (a class built from the data-parallel rank and size;
+    FixedBatches by default), which only the trainer's process groups can tell."""
     from megatron.core import parallel_state
 
-    from deltatron.train.checkpoint import load_model, save_model
     from deltatron.train.trainer import Trainer
-
-    cfg = run_config(layout, run_dir, model_overrides, optim_overrides)
-    resolved = dataclasses.asdict(cfg)
 
     class _Deferred:  # the trainer asks for data before the process groups tell us our dp rank
         pass
 
-    trainer = Trainer(cfg, resolved, data=_Deferred())
-    trainer.data = FixedBatches(
+    trainer = Trainer(cfg, dataclasses.asdict(cfg), data=_Deferred())
+    trainer.data = (batches or FixedBatches)(
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     )
-    load_model(trainer.model, init_ckpt)
+    return trainer
+
+
+def train_steps(trainer, steps: int) -> list[float]:
+    """The losses of `steps` optimizer steps on the trainer's batches."""
     it = trainer.data.train_batches()
-    losses = []
-    for _ in range(STEPS):
-        batches = [next(it) for _ in range(trainer.num_microbatches)]
-        losses.append(trainer.train_step(batches)["loss"])
+    return [trainer.train_step([next(it) for _ in range(trainer.num_microbatches)])["loss"] for _ in range(steps)]
+
+
+def float_state(trainer) -> dict[str, torch.Tensor]:
+    """Copies of every floating-point entry of the model chunks' state dicts (parameters and
+    buffers such as the router's expert bias)."""
+    return {n: t.detach().clone() for m in trainer.model for n, t in m.state_dict().items()
+            if torch.is_tensor(t) and t.is_floating_point()}
+
+
+def compare_runs(a, b) -> tuple[float, float]:
+    """(max relative loss difference, max absolute state difference) of two (losses, float_state)
+    results; the runs must have trained (losses that change) the same entries."""
+    (losses_a, state_a), (losses_b, state_b) = a, b
+    assert state_a.keys() == state_b.keys() and losses_a != [losses_a[0]] * len(losses_a)
+    loss = max(abs(x - y) / abs(x) for x, y in zip(losses_a, losses_b))
+    return loss, max((state_a[k] - state_b[k]).abs().max().item() for k in state_a)
+
+
+def train_layout(layout: dict, init_ckpt: str, final_ckpt: str | None, run_dir: str,
+                 model_overrides: dict | None = None, optim_overrides: dict | None = None) -> list[float]:
+    """Losses of STEPS optimizer steps under `layout`, starting from `init_ckpt`."""
+    from deltatron.train.checkpoint import load_model, save_model
+
+    trainer = make_trainer(run_config(layout, run_dir, model_overrides, optim_overrides))
+    load_model(trainer.model, init_ckpt)
+    losses = train_steps(trainer, STEPS)
     if final_ckpt:
         save_model(trainer.model, final_ckpt)
     return losses

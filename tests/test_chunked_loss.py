@@ -11,6 +11,8 @@ import dataclasses
 import pytest
 import torch
 
+import parity
+
 from deltatron.model.config import ModelConfig
 from deltatron.model.model import build_model, packed_seq_params
 from deltatron.train.config import TrainConfig
@@ -167,33 +169,11 @@ def test_chunked_loss_keeps_no_tokens_by_vocab_tensor(process_groups):
 # ------------------------------------------------------------------ the trainer
 def _train(run_dir: str, layout: dict, chunk: int, model_overrides: dict | None = None, steps: int = 2):
     """Losses and parameters after `steps` steps of the parity model (tests/parity.py)."""
-    import parity
-    from megatron.core import parallel_state
-
-    from deltatron.train.trainer import Trainer
-
     cfg = parity.run_config(layout, run_dir, model_overrides)
     cfg.train = dataclasses.replace(cfg.train, cross_entropy_chunk_size=chunk)
-
-    class _Deferred:  # the data needs the data-parallel rank, known once the trainer set up groups
-        pass
-
-    trainer = Trainer(cfg, dataclasses.asdict(cfg), data=_Deferred())
+    trainer = parity.make_trainer(cfg)
     assert trainer.model[0].config.cross_entropy_chunk_size == chunk
-    trainer.data = parity.FixedBatches(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-    it = trainer.data.train_batches()
-    losses = [trainer.train_step([next(it) for _ in range(trainer.num_microbatches)])["loss"] for _ in range(steps)]
-    state = {n: t.detach().clone() for m in trainer.model for n, t in m.state_dict().items()
-             if torch.is_tensor(t) and t.is_floating_point()}
-    return losses, state
-
-
-def _compare(a, b) -> tuple[float, float]:
-    """(max relative loss difference, max absolute parameter/buffer difference)."""
-    (losses_a, state_a), (losses_b, state_b) = a, b
-    assert state_a.keys() == state_b.keys() and losses_a != [losses_a[0]] * len(losses_a)
-    loss = max(abs(x - y) / abs(x) for x, y in zip(losses_a, losses_b))
-    return loss, max((state_a[k] - state_b[k]).abs().max().item() for k in state_a)
+    return parity.train_steps(trainer, steps), parity.float_state(trainer)
 
 
 def test_trainer_with_chunked_loss_trains_the_same(tmp_path, process_groups):
@@ -202,7 +182,7 @@ def test_trainer_with_chunked_loss_trains_the_same(tmp_path, process_groups):
     rounding only (softmax as exp(z - logsumexp), the weight's gradient summed per block), which
     Adam's normalisation turns into parameter differences of ~1e-6 after two steps at lr 1e-3
     (tests/test_parallel_parity.py allows 2e-5 between layouts)."""
-    loss, state = _compare(_train(str(tmp_path / "off"), {}, 0), _train(str(tmp_path / "on"), {}, 20))
+    loss, state = parity.compare_runs(_train(str(tmp_path / "off"), {}, 0), _train(str(tmp_path / "on"), {}, 20))
     assert loss < 1e-6 and state < 1e-5, (loss, state)
 
 
@@ -219,7 +199,7 @@ def _two_process_job(rank: int, world_size: int, out_dir: str) -> dict:
     out = {}
     for name, (layout, model_overrides) in TWO_PROCESS.items():
         runs = [_train(f"{out_dir}/{name}-{c}", layout, c, model_overrides) for c in (0, 20)]
-        out[name] = _compare(*runs)
+        out[name] = parity.compare_runs(*runs)
     return out
 
 

@@ -10,6 +10,8 @@ import dataclasses
 import pytest
 import torch
 
+import parity
+
 from deltatron.model.config import ModelConfig
 from deltatron.model.model import build_model, packed_seq_params
 from deltatron.train.config import TrainConfig
@@ -210,36 +212,15 @@ def _train(run_dir: str, layout: dict, model_overrides: dict | None, recompute: 
     """Losses, parameters and router expert biases after `steps` steps of the parity model
     (tests/parity.py; under context parallelism tests/cp_parity.py's long packed rows)."""
     import cp_parity
-    import parity
-    from megatron.core import parallel_state
-
-    from deltatron.train.trainer import Trainer
 
     if layout.get("cp", 1) > 1:
         cfg, batches = cp_parity.run_config(layout, run_dir), cp_parity.LongBatches
     else:
         cfg, batches = parity.run_config(layout, run_dir, model_overrides, optim_overrides), parity.FixedBatches
     cfg.train = dataclasses.replace(cfg.train, recompute_granularity=recompute)
-
-    class _Deferred:  # the data needs the data-parallel rank, known once the trainer set up groups
-        pass
-
-    trainer = Trainer(cfg, dataclasses.asdict(cfg), data=_Deferred())
+    trainer = parity.make_trainer(cfg, batches)
     assert (trainer.model[0].config.recompute_granularity == "full") == (recompute == "full")
-    trainer.data = batches(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-    it = trainer.data.train_batches()
-    losses = [trainer.train_step([next(it) for _ in range(trainer.num_microbatches)])["loss"] for _ in range(steps)]
-    state = {n: t.detach().clone() for m in trainer.model for n, t in m.state_dict().items()
-             if torch.is_tensor(t) and t.is_floating_point()}
-    return losses, state
-
-
-def _compare(a, b) -> tuple[float, float]:
-    """(max relative loss difference, max absolute parameter/buffer difference)."""
-    (losses_a, state_a), (losses_b, state_b) = a, b
-    assert state_a.keys() == state_b.keys() and losses_a != [losses_a[0]] * len(losses_a)
-    loss = max(abs(x - y) / abs(x) for x, y in zip(losses_a, losses_b))
-    return loss, max((state_a[k] - state_b[k]).abs().max().item() for k in state_a)
+    return parity.train_steps(trainer, steps), parity.float_state(trainer)
 
 
 # MuonClip with a QK-clip threshold the parity model's logits cross: the recomputed forward
@@ -252,7 +233,7 @@ def test_trainer_with_full_recompute_trains_the_same(optim, tmp_path, process_gr
     """Whole steps through the trainer (DDP, optimizer, MoE expert-bias update, QK-clip): the same
     losses, parameters and expert biases (the router counts its tokens once, in the recomputed
     pass)."""
-    loss, state = _compare(_train(str(tmp_path / "none"), {}, None, "none", optim_overrides=optim),
+    loss, state = parity.compare_runs(_train(str(tmp_path / "none"), {}, None, "none", optim_overrides=optim),
                            _train(str(tmp_path / "full"), {}, None, "full", optim_overrides=optim))
     assert loss < 1e-6 and state < 1e-6, (loss, state)
 
@@ -269,7 +250,7 @@ def _two_process_job(rank: int, world_size: int, out_dir: str) -> dict:
     out = {}
     for name, (layout, model_overrides) in TWO_PROCESS.items():
         runs = [_train(f"{out_dir}/{name}-{rc}", layout, model_overrides, rc) for rc in ("none", "full")]
-        out[name] = _compare(*runs)
+        out[name] = parity.compare_runs(*runs)
     return out
 
 
