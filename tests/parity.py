@@ -125,6 +125,15 @@ def compare_runs(a, b) -> tuple[float, float]:
     return loss, max((state_a[k] - state_b[k]).abs().max().item() for k in state_a)
 
 
+def on_off_job(rank: int, world_size: int, train, layouts: dict, values: tuple, out_dir: str) -> dict:
+    """A tests/distributed.py job: for each named (layout, model_overrides), compare_runs of
+    train(run_dir, layout, value, model_overrides) with the option off and on (`values`)."""
+    return {
+        name: compare_runs(*[train(f"{out_dir}/{name}-{v}", layout, v, overrides) for v in values])
+        for name, (layout, overrides) in layouts.items()
+    }
+
+
 def train_layout(layout: dict, init_ckpt: str, final_ckpt: str | None, run_dir: str,
                  model_overrides: dict | None = None, optim_overrides: dict | None = None) -> list[float]:
     """Losses of STEPS optimizer steps under `layout`, starting from `init_ckpt`."""

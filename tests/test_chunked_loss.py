@@ -195,20 +195,12 @@ TWO_PROCESS = {
 }
 
 
-def _two_process_job(rank: int, world_size: int, out_dir: str) -> dict:
-    out = {}
-    for name, (layout, model_overrides) in TWO_PROCESS.items():
-        runs = [_train(f"{out_dir}/{name}-{c}", layout, c, model_overrides) for c in (0, 20)]
-        out[name] = parity.compare_runs(*runs)
-    return out
-
-
 def test_tensor_parallel_with_chunked_loss_trains_the_same(tmp_path, process_groups):
     """TP2 (vocab-parallel output layer: max, exp-sum and target logit reduced over the TP group),
     with and without sequence parallelism."""
     from distributed import run_distributed
 
-    results = run_distributed(_two_process_job, 2, str(tmp_path))
+    results = run_distributed(parity.on_off_job, 2, _train, TWO_PROCESS, (0, 20), str(tmp_path))
     for rank_result in results:
         assert rank_result.keys() == TWO_PROCESS.keys()
         for name, (loss, state) in rank_result.items():

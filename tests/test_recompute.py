@@ -207,7 +207,7 @@ def test_hydra_overrides_select_recompute(tmp_path):
 
 
 # ------------------------------------------------------------------ the trainer
-def _train(run_dir: str, layout: dict, model_overrides: dict | None, recompute: str, steps: int = 2,
+def _train(run_dir: str, layout: dict, recompute: str, model_overrides: dict | None = None, steps: int = 2,
            optim_overrides: dict | None = None):
     """Losses, parameters and router expert biases after `steps` steps of the parity model
     (tests/parity.py; under context parallelism tests/cp_parity.py's long packed rows)."""
@@ -233,8 +233,8 @@ def test_trainer_with_full_recompute_trains_the_same(optim, tmp_path, process_gr
     """Whole steps through the trainer (DDP, optimizer, MoE expert-bias update, QK-clip): the same
     losses, parameters and expert biases (the router counts its tokens once, in the recomputed
     pass)."""
-    loss, state = parity.compare_runs(_train(str(tmp_path / "none"), {}, None, "none", optim_overrides=optim),
-                           _train(str(tmp_path / "full"), {}, None, "full", optim_overrides=optim))
+    loss, state = parity.compare_runs(_train(str(tmp_path / "none"), {}, "none", optim_overrides=optim),
+                           _train(str(tmp_path / "full"), {}, "full", optim_overrides=optim))
     assert loss < 1e-6 and state < 1e-6, (loss, state)
 
 
@@ -246,18 +246,10 @@ TWO_PROCESS = {
 }
 
 
-def _two_process_job(rank: int, world_size: int, out_dir: str) -> dict:
-    out = {}
-    for name, (layout, model_overrides) in TWO_PROCESS.items():
-        runs = [_train(f"{out_dir}/{name}-{rc}", layout, model_overrides, rc) for rc in ("none", "full")]
-        out[name] = parity.compare_runs(*runs)
-    return out
-
-
 def test_pipeline_and_context_parallel_with_full_recompute_train_the_same(tmp_path, process_groups):
     from distributed import run_distributed
 
-    results = run_distributed(_two_process_job, 2, str(tmp_path))
+    results = run_distributed(parity.on_off_job, 2, _train, TWO_PROCESS, ("none", "full"), str(tmp_path))
     for rank_result in results:
         assert rank_result.keys() == TWO_PROCESS.keys()
         for name, (loss, state) in rank_result.items():

@@ -60,6 +60,7 @@ from typing import Optional
 
 from deltatron.model.config import ModelConfig
 from deltatron.parallel.layout import ParallelConfig
+from deltatron.train.config import describe_recompute
 
 GiB = 1024**3
 
@@ -418,17 +419,6 @@ def recomputed_sublayers(num_sublayers: int, recompute: str, method: Optional[st
     return [[i] for i in range(min(n, num_sublayers))]
 
 
-def describe_recompute(recompute: str, method: Optional[str] = None, num_layers: Optional[int] = None) -> str:
-    if recompute == "selective":
-        return "selective (planned as none: an upper bound)"
-    if recompute != "full":
-        return "none"
-    method, n = method or "uniform", num_layers or 1
-    if method == "uniform":
-        return f"full (uniform, {n} sub-layer{'s' if n > 1 else ''} per unit)"
-    return f"full (block, the first {n} sub-layer{'s' if n > 1 else ''} of each pipeline stage)"
-
-
 def in_flight_microbatches(par: ParallelConfig, rank: int, num_microbatches: int) -> float:
     """Micro-batches of a rank's layers whose activations are held at its peak, under
     megatron-core's schedules: none/1F1B: min(pp - rank, M); interleaved: (warm-up model chunks
@@ -695,7 +685,9 @@ def build_plan(
     model_flops = training_flops_per_token(model, seq_length) * tokens_per_step
     return Plan(
         model=model.name, gpu=gpu, world=world, layout=par.describe(world), dp=dp, expert_dp=expert_dp,
-        optimizer=optimizer, recompute=describe_recompute(recompute, recompute_method, recompute_num_layers),
+        optimizer=optimizer,
+        recompute="selective (planned as none: an upper bound)" if recompute == "selective"
+        else describe_recompute(recompute, recompute_method, recompute_num_layers),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
         num_microbatches=num_microbatches, ranks=ranks, required=required, capacity=float(gpu.memory_bytes),

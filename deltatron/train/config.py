@@ -236,15 +236,23 @@ class TrainConfig:
 
     def describe_recompute(self) -> str:
         """One phrase for banners and plans, e.g. 'full (uniform, 1 sub-layer per unit)'."""
-        g = self.recompute_granularity
-        if g == "full":
-            method, num = self.recompute_method or "uniform", self.recompute_num_layers or 1
-            if method == "uniform":
-                return f"full (uniform, {num} sub-layer{'s' if num > 1 else ''} per unit)"
-            return f"full (block, the first {num} sub-layer{'s' if num > 1 else ''} of each pipeline stage)"
-        if g == "selective":
-            return f"selective ({', '.join(self.recompute_modules or ['core_attn'])})"
-        return "none"
+        return describe_recompute(
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers, self.recompute_modules
+        )
+
+
+def describe_recompute(granularity: str, method: Optional[str] = None, num_layers: Optional[int] = None,
+                       modules: Optional[list[str]] = None) -> str:
+    """TrainConfig's recompute_* fields as one phrase (unset ones read as their defaults: full is
+    uniform with 1 sub-layer per unit, selective recomputes core_attn)."""
+    if granularity == "full":
+        method, num = method or "uniform", num_layers or 1
+        if method == "uniform":
+            return f"full (uniform, {num} sub-layer{'s' if num > 1 else ''} per unit)"
+        return f"full (block, the first {num} sub-layer{'s' if num > 1 else ''} of each pipeline stage)"
+    if granularity == "selective":
+        return f"selective ({', '.join(modules or ['core_attn'])})"
+    return "none"
 
 
 # Selective recomputation (train.recompute_granularity=selective): megatron-core's module names

@@ -105,7 +105,8 @@ class Trainer:
         self.world_size = dist.get_world_size()
         par.validate(self.world_size, cfg.model)
         par.validate_sequence(cfg.data.seq_length, train.micro_batch_size, cfg.model)
-        train.recompute_config(cfg.model)  # recomputation choices this model cannot take fail here
+        # megatron-core's recomputation fields; choices this model cannot take fail here, early
+        self.recompute_fields = train.recompute_config(cfg.model)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         per_step = train.micro_batch_size * self.dp_size
@@ -201,7 +202,7 @@ class Trainer:
             qk_clip=self.cfg.optim.name == "muonclip" and self.cfg.optim.qk_clip_tau is not None,
             qk_clip_threshold=self.cfg.optim.qk_clip_tau or 100.0,
             # activation recomputation (train.recompute_*), megatron-core's own
-            **self.cfg.train.recompute_config(self.cfg.model),
+            **self.recompute_fields,
             # the output layer's loss by blocks of tokens (train.cross_entropy_chunk_size)
             cross_entropy_chunk_size=self.cfg.train.cross_entropy_chunk_size,
         )
