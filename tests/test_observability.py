@@ -13,7 +13,6 @@ import json
 import os
 import re
 import statistics
-import struct
 import sys
 import time
 
@@ -45,26 +44,13 @@ DOCUMENTED = [documented_pattern(n) for _, names in METRIC_NAMESPACES.values() f
 
 
 def wandb_records(path: str):
-    """The records of a wandb offline run file (.wandb: a LevelDB-style log of 32 KiB blocks, each
-    record framed by crc32 (4 bytes), length (2) and type (1: full, 2: first, 3: middle, 4: last))."""
-    from wandb.proto import wandb_internal_pb2
+    """The records of a wandb run file, read by the monitor's own reader
+    (deltatron.train.monitor.wandb_file_records)."""
+    from deltatron.train.monitor import wandb_file_records
 
-    block = 32 * 1024
-    raw = open(path, "rb").read()
-    assert raw[:4] == b":W&B", "not a wandb run file"
-    pos, parts = 7, []
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        parts.append(raw[pos + 7 : pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            yield record
+    with open(path, "rb") as f:
+        assert f.read(4) == b":W&B", "not a wandb run file"
+    return wandb_file_records(path)
 
 
 @pytest.fixture(scope="module")
