@@ -26,6 +26,41 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_scalar_index_fix() -> None:
+    """Let the interpreter use a loaded scalar as a loop bound (`range(num_chunks)`).
+
+    Triton 3.6's interpreter holds scalars as numpy arrays of shape (1,) and converts them with
+    int(array), which numpy >= 2.5 refuses; compiled kernels are unaffected. Patched only where
+    that conversion fails.
+    """
+    import numpy as np
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # no triton: the Triton tests skip themselves
+        return
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "scalar_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.scalar_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _interpreter_scalar_index_fix()
+
 # Set in this process by init_process_groups (a world of one on a free port); a child process
 # that inherited them would try to listen on the port this process already holds.
 _RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -34,36 +34,6 @@ from deltatron.kernels.kda import (  # noqa: E402
 from deltatron.kernels.kda.triton_chunk import chunk_kda_triton  # noqa: E402
 
 
-def _interpreter_scalar_index_fix() -> None:
-    """Let the interpreter use a loaded scalar as a loop bound (`range(num_chunks)`).
-
-    Triton 3.6's interpreter holds scalars as numpy arrays of shape (1,) and converts them with
-    int(array), which numpy >= 2.5 refuses; compiled kernels are unaffected. Patched only where
-    that conversion fails.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return
-    except TypeError:
-        pass
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "scalar_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.scalar_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _interpreter_scalar_index_fix()
-
 # Relative tolerance (max abs difference over max abs reference) against the fp32 oracle.
 # Measured under the interpreter (fp32): <= 4e-7 for the outputs, final states and dq, dk, dv, dg,
 # d initial_state, <= 1e-6 for dbeta here (3e-6 in random sweeps, where the oracle itself is as

@@ -166,6 +166,23 @@ class _Phase1(torch.autograd.Function):
         return (None, g_q, *grads)
 
 
+def _fused_kernels(x: Tensor) -> bool:
+    """Whether the phases run as the Triton kernels of deltatron.kernels.attnres: for CUDA tensors
+    in fp32, bf16 or fp16 (the kernels accumulate in fp32), where Triton imports. Elsewhere
+    (CPU, float64 gradient checks) they run as the eager functions above, which are also the
+    kernels' test reference."""
+    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_imports()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def attend_completed(
     completed: Sequence[Tensor], queries: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,6 +193,10 @@ def attend_completed(
     the log-sum-exp of the logits, which phase 2 merges with; weights [m, S, B, k], the softmax
     over the completed sources, without gradient, for metrics).
     """
+    if _fused_kernels(completed[0]):
+        from deltatron.kernels.attnres import attend
+
+        return attend(completed, queries, eps)
     return _Phase1.apply(eps, queries, *completed)
 
 
@@ -218,6 +239,10 @@ def merge_partial(
     query: [D] fp32. Returns (h [S, B, D] in out's dtype; the weight of the completed sources as a
     whole, [S, B] without gradient; the partial sum's weight is one minus it).
     """
+    if _fused_kernels(partial):
+        from deltatron.kernels.attnres import merge
+
+        return merge(out, lse, partial, query, eps)
     return _Phase2.apply(out, lse, partial, query, eps)
 
 
