@@ -178,3 +178,17 @@ def test_model_with_the_kernels_matches_the_eager_phases(seeded, monkeypatch):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("K, c_cols", [(3, 3), (1, 2), (6, 6)])
+def test_query_gradient_split_over_rows_matches_a_matmul(K, c_cols, monkeypatch):
+    """query_grad's row splits (many of them here, the last one ragged, D tiles ragged too) and a
+    coefficient matrix wider than K (phase 2 passes its [N, 2] coefficients) give C[:, :K]^T X."""
+    monkeypatch.setattr(fused, "_QG_PROGRAMS_PER_SM", 64)
+    gen = torch.Generator().manual_seed(9)
+    X = torch.randn(203, 300, generator=gen).to(DEVICE, torch.bfloat16)
+    C = torch.randn(203, c_cols, generator=gen).to(DEVICE)
+    got = fused.query_grad(X, C, K)
+    want = C[:, :K].double().t() @ X.double()
+    assert got.shape == (K, 300) and got.dtype == torch.float32
+    assert rel_err(got, want) < TOL

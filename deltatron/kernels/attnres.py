@@ -16,10 +16,10 @@ vectors, so the kernels are bound by memory traffic: each reads every source twi
 logits, once for the weighted sum), where the eager version made fp32 copies of every source and a
 [S, B, k, D] fp32 intermediate and launched some 20 kernels per source.
 
-Query gradients sum over all tokens. Rather than atomics (contention on k * D addresses, and a
-nondeterministic order), the backward kernels that produce them give each program a contiguous range
-of rows, accumulate its fp32 partial sum [k, D] over those rows, and write it once; the partials are
-summed in PyTorch ([programs, k, D], a few MB).
+Query gradients sum over all tokens: g_Q = sum_{rows, j} g_z x_j is a [k, rows] x [rows, D]
+product, computed by `query_grad` split over rows (each program's fp32 partial [k, D tile] written
+once and the partials summed in PyTorch) rather than with atomics (contention on k * D addresses and
+a nondeterministic order).
 """
 
 from __future__ import annotations
@@ -126,15 +126,11 @@ def _attend_bwd_coef_kernel(
 
 @triton.jit
 def _attend_bwd_grad_kernel(
-    X, Q, W, GOUT, GZ, GR, GX, GQ_PARTIAL, N, D, M, K, ROWS_PER_PROGRAM,
+    X, Q, W, GOUT, GZ, GR, GX, N, D, M, K,
     KP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Each program a range of rows, D in chunks (outer), rows and sources inner:
-    g_x_j = sum_q w_jq g_out_q + sum_q g_z_jq Q_q - (g_r r^3 / D)_j x_j, and this program's share
-    of g_Q_q = sum_{rows, j} g_z_jq x_j, written once per chunk to GQ_PARTIAL[program]."""
-    pid = tl.program_id(0).to(tl.int64)
-    first = pid * ROWS_PER_PROGRAM
-    last = tl.minimum(first + ROWS_PER_PROGRAM, N)
+    """One program per row: g_x_j = sum_q w_jq g_out_q + sum_q g_z_jq Q_q - (g_r r^3 / D)_j x_j."""
+    n = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, KP)
     k_mask = offs_k < K
     offs_d = tl.arange(0, BLOCK_D)
@@ -142,20 +138,45 @@ def _attend_bwd_grad_kernel(
         d_mask = d0 + offs_d < D
         kd_mask = k_mask[:, None] & d_mask[None, :]
         q = tl.load(Q + offs_k[:, None] * D + d0 + offs_d[None, :], mask=kd_mask, other=0.0)
-        g_q = tl.zeros([KP, BLOCK_D], tl.float32)
-        for n in range(first, last):
-            g_out = tl.load(GOUT + (n * K + offs_k[:, None]) * D + d0 + offs_d[None, :],
-                            mask=kd_mask, other=0.0).to(tl.float32)
-            for j in range(M):
-                x = tl.load(X + (j * N + n) * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-                w = tl.load(W + (j * N + n) * K + offs_k, mask=k_mask, other=0.0)
-                g_z = tl.load(GZ + (j * N + n) * K + offs_k, mask=k_mask, other=0.0)
-                c = tl.load(GR + (j * N + n) * KP)
-                g_x = tl.sum(w[:, None] * g_out + g_z[:, None] * q, 0) - c * x
-                tl.store(GX + (j * N + n) * D + d0 + offs_d, g_x.to(GX.dtype.element_ty), mask=d_mask)
-                g_q += g_z[:, None] * x[None, :]
-        tl.store(GQ_PARTIAL + (pid * KP + offs_k[:, None]) * D + d0 + offs_d[None, :], g_q,
-                 mask=kd_mask)
+        g_out = tl.load(GOUT + (n * K + offs_k[:, None]) * D + d0 + offs_d[None, :],
+                        mask=kd_mask, other=0.0).to(tl.float32)
+        for j in range(M):
+            x = tl.load(X + (j * N + n) * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            w = tl.load(W + (j * N + n) * K + offs_k, mask=k_mask, other=0.0)
+            g_z = tl.load(GZ + (j * N + n) * K + offs_k, mask=k_mask, other=0.0)
+            c = tl.load(GR + (j * N + n) * KP)
+            g_x = tl.sum(w[:, None] * g_out + g_z[:, None] * q, 0) - c * x
+            tl.store(GX + (j * N + n) * D + d0 + offs_d, g_x.to(GX.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _query_grad_kernel(
+    X, C, C_ROW_STRIDE, PARTIAL, R, D, K, ROWS_PER_PROGRAM,
+    KD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (d, s): its share of g_Q[:, d tile] = sum over rows r of C[r, :]^T X[r, d tile] for
+    the rows [s * ROWS_PER_PROGRAM, ...) of X [R, D], C [R, K] (row stride C_ROW_STRIDE), as a
+    [K, BLOCK_D] fp32 tile of PARTIAL[s]. fp32 products (the tile product is small next to the
+    loads), K padded to KD >= 16 for tl.dot."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    offs_k = tl.arange(0, KD)
+    k_mask = offs_k < K
+    first = pid_s * ROWS_PER_PROGRAM
+    last = tl.minimum(first + ROWS_PER_PROGRAM, R)
+    acc = tl.zeros([KD, BLOCK_D], tl.float32)
+    for r0 in range(first, last, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rows < last
+        x = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :],
+                    other=0.0).to(tl.float32)
+        c = tl.load(C + rows[:, None] * C_ROW_STRIDE + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        acc += tl.dot(tl.trans(c), x, input_precision="ieee")
+    tl.store(PARTIAL + (pid_s * K + offs_k[:, None]) * D + offs_d[None, :], acc,
+             mask=k_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -216,30 +237,23 @@ def _merge_bwd_coef_kernel(
 
 @triton.jit
 def _merge_bwd_grad_kernel(
-    P, Q, GH, SHARE, COEF, GO, GP, GQ_PARTIAL, N, D, ROWS_PER_PROGRAM,
+    P, Q, GH, SHARE, COEF, GO, GP, N, D,
     BLOCK_D: tl.constexpr,
 ):
-    """Each program a range of rows, D in chunks: g_o = s g_h, g_p = (1 - s) g_h + a q - b p with
-    (a, b) = COEF[n], and this program's share of g_q = sum_rows a p."""
-    pid = tl.program_id(0).to(tl.int64)
-    first = pid * ROWS_PER_PROGRAM
-    last = tl.minimum(first + ROWS_PER_PROGRAM, N)
+    """One program per row: g_o = s g_h and g_p = (1 - s) g_h + a q - b p with (a, b) = COEF[n]."""
+    n = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    share = tl.load(SHARE + n)
+    a = tl.load(COEF + 2 * n)
+    b = tl.load(COEF + 2 * n + 1)
     for d0 in range(0, D, BLOCK_D):
         d_mask = d0 + offs_d < D
         q = tl.load(Q + d0 + offs_d, mask=d_mask, other=0.0)
-        g_q = tl.zeros([BLOCK_D], tl.float32)
-        for n in range(first, last):
-            p = tl.load(P + n * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            g_h = tl.load(GH + n * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            share = tl.load(SHARE + n)
-            a = tl.load(COEF + 2 * n)
-            b = tl.load(COEF + 2 * n + 1)
-            tl.store(GO + n * D + d0 + offs_d, (share * g_h).to(GO.dtype.element_ty), mask=d_mask)
-            g_p = (1.0 - share) * g_h + a * q - b * p
-            tl.store(GP + n * D + d0 + offs_d, g_p.to(GP.dtype.element_ty), mask=d_mask)
-            g_q += a * p
-        tl.store(GQ_PARTIAL + pid * D + d0 + offs_d, g_q, mask=d_mask)
+        p = tl.load(P + n * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        g_h = tl.load(GH + n * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        tl.store(GO + n * D + d0 + offs_d, (share * g_h).to(GO.dtype.element_ty), mask=d_mask)
+        g_p = (1.0 - share) * g_h + a * q - b * p
+        tl.store(GP + n * D + d0 + offs_d, g_p.to(GP.dtype.element_ty), mask=d_mask)
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -248,19 +262,25 @@ def _block_d(D: int) -> int:
     return min(1024, triton.next_power_of_2(D))
 
 
-# chunk of the row-range kernels, whose [k, chunk] partial lives in registers across rows
-_RANGE_BLOCK_D = 256
-# programs per SM of the row-range kernels
-_RANGE_PROGRAMS_PER_SM = 4
+# tiles of the query-gradient kernel, and its programs per SM (D tiles times row splits)
+_QG_BLOCK_R, _QG_BLOCK_D = 32, 128
+_QG_PROGRAMS_PER_SM = 4
 
 
-def _row_ranges(N: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program) of the row-range kernels: a few programs per SM, so the
-    partial sums stay few while every SM has work."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    programs = _RANGE_PROGRAMS_PER_SM * sms
-    rows = triton.cdiv(N, min(programs, N))
-    return triton.cdiv(N, rows), rows
+def query_grad(X: Tensor, C: Tensor, K: int) -> Tensor:
+    """g_Q [K, D] fp32 = C[:, :K]^T X for X [R, D] (any float dtype) and C [R, >= K] fp32 with unit
+    column stride: a split over rows, each program's partial written once and summed here."""
+    R, D = X.shape
+    d_tiles = triton.cdiv(D, _QG_BLOCK_D)
+    sms = torch.cuda.get_device_properties(X.device).multi_processor_count if X.is_cuda else 1
+    splits = max(1, min(triton.cdiv(R, _QG_BLOCK_R), triton.cdiv(_QG_PROGRAMS_PER_SM * sms, d_tiles)))
+    rows = triton.cdiv(triton.cdiv(R, splits), _QG_BLOCK_R) * _QG_BLOCK_R
+    splits = triton.cdiv(R, rows)
+    partial = torch.empty(splits, K, D, device=X.device, dtype=torch.float32)
+    _query_grad_kernel[(d_tiles, splits)](X, C, C.stride(0), partial, R, D, K, rows,
+                                         KD=max(16, triton.next_power_of_2(K)), BLOCK_R=_QG_BLOCK_R,
+                                         BLOCK_D=_QG_BLOCK_D)
+    return partial.sum(0)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -301,12 +321,9 @@ class _Attend(torch.autograd.Function):
         g_r = torch.empty(m, N, KP, device=X.device, dtype=torch.float32)
         _attend_bwd_coef_kernel[(N,)](X, q, weights, rinv, g_out, g_lse, g_z, g_r, N, D, m, k, KP=KP,
                                       BLOCK_D=_block_d(D))
-        programs, rows = _row_ranges(N, X.device)
         g_x = torch.empty_like(X)
-        partial = torch.empty(programs, KP, D, device=X.device, dtype=torch.float32)
-        _attend_bwd_grad_kernel[(programs,)](X, q, weights, g_out, g_z, g_r, g_x, partial, N, D, m, k, rows,
-                                             KP=KP, BLOCK_D=_RANGE_BLOCK_D)
-        g_q = partial.sum(0)[:k]
+        _attend_bwd_grad_kernel[(N,)](X, q, weights, g_out, g_z, g_r, g_x, N, D, m, k, KP=KP, BLOCK_D=_block_d(D))
+        g_q = query_grad(X.view(m * N, D), g_z.view(m * N, k), k)
         return (None, g_q, *(g.view(S, B, D) for g in g_x.unbind(0)))
 
 
@@ -350,13 +367,11 @@ class _Merge(torch.autograd.Function):
         g_lse = torch.empty(N, device=p.device, dtype=torch.float32)
         coef = torch.empty(N, 2, device=p.device, dtype=torch.float32)
         _merge_bwd_coef_kernel[(N,)](o, o_stride, p, q, g_h, share, rinv, g_lse, coef, N, D, BLOCK_D=_block_d(D))
-        programs, rows = _row_ranges(N, p.device)
         g_o = torch.empty(N, D, device=p.device, dtype=out.dtype)
         g_p = torch.empty_like(p)
-        partial_q = torch.empty(programs, D, device=p.device, dtype=torch.float32)
-        _merge_bwd_grad_kernel[(programs,)](p, q, g_h, share, coef, g_o, g_p, partial_q, N, D, rows,
-                                            BLOCK_D=_RANGE_BLOCK_D)
-        return g_o.view(S, B, D), g_lse.view(S, B), g_p.view(S, B, D), partial_q.sum(0), None
+        _merge_bwd_grad_kernel[(N,)](p, q, g_h, share, coef, g_o, g_p, N, D, BLOCK_D=_block_d(D))
+        g_q = query_grad(p, coef, 1)[0]
+        return g_o.view(S, B, D), g_lse.view(S, B), g_p.view(S, B, D), g_q, None
 
 
 def _row_view(x: Tensor) -> tuple[Tensor, int]:
