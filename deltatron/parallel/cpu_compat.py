@@ -2,7 +2,7 @@
 
 megatron-core 0.19.2 assumes CUDA in a handful of places (see ../shared/reference/
 megatron-core-0.19.2.md, section 8). `enable()` patches exactly those, and only when CUDA is
-absent, so the GPU path is always megatron-core's own code:
+absent, so the GPU path is megatron-core's own code (but for the two leak fixes at the end):
 
 1. `torch.cuda.current_device()` (used as a `device=` argument for buffers) answers "cpu".
 2. CUDA streams, events and synchronize become no-ops (MoE all-to-all dispatcher, p2p
@@ -26,17 +26,36 @@ absent, so the GPU path is always megatron-core's own code:
 Not patchable and therefore avoided on CPU: megatron-core's fp16/bf16 optimizer wrappers and
 DistributedOptimizer insist on `torch.cuda.*Tensor` parameters; CPU runs use fp32 and the
 non-distributed optimizer.
+
+Two leak fixes are not about CUDA and apply on every device (deltatron.parallel.setup calls
+them); without them a dropped Trainer left its process groups alive, each gloo group with its
+polling threads (NCCL communicators on GPUs):
+
+- `detach_dispatcher_probs`: megatron-core's all-to-all and all-gather token dispatchers keep the
+  last forward's routing probabilities in an attribute (`probs`, `local_probs`; read afterwards
+  only for their dtype) together with their autograd graph, which leads to the AccumulateGrad
+  nodes of every parameter the router's input came from; those nodes' hooks are closures of the
+  DDP wrapper. torch shows Python's garbage collector an autograd node's hooks only while nothing
+  on the C++ side (here the kept graph) holds the node too, so the cycle
+  DDP -> model -> dispatcher -> graph -> hook -> DDP was never freed: an MoE model, its gradient
+  buffers and all its groups outlived the Trainer. The dispatchers now keep the tensor detached
+  (same storage and dtype, no graph).
+- `forget_destroyed_groups`: megatron-core's destroy_model_parallel leaves two of its globals
+  (`_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP` and its gloo twin) set, and the lru_cache on
+  `RotaryEmbedding.forward` keeps the last rotary modules (and their `cp_group`) of any model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import types
 
 import torch
 
 _ENABLED = False
+_PROBS_DETACHED = False
 
 # Modules whose `torch` global is replaced by the CPU-mapping proxy (patch 3).
 _CUDA_LITERAL_MODULES = (
@@ -207,3 +226,44 @@ def initialize_rng(seed: int) -> None:
 
 def is_enabled() -> bool:
     return _ENABLED
+
+
+def forget_destroyed_groups() -> None:
+    """Drop the references to process groups that megatron-core's destroy_model_parallel leaves
+    behind (see the module docstring); call after it. On every device."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None
+    parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO = None
+    RotaryEmbedding.forward.cache_clear()  # the cache's keys hold the modules (self)
+
+
+def detach_dispatcher_probs() -> None:
+    """Make megatron-core's token dispatchers keep their routing probabilities without their
+    autograd graph (see the module docstring); on every device. Idempotent."""
+    global _PROBS_DETACHED
+    if _PROBS_DETACHED:
+        return
+    from megatron.core.transformer.moe import token_dispatcher
+
+    for cls, method, attr in (
+        (token_dispatcher.MoEAlltoAllTokenDispatcher, "dispatch_preprocess", "probs"),
+        (token_dispatcher.MoEAllGatherTokenDispatcher, "dispatch_postprocess", "local_probs"),
+    ):
+        setattr(cls, method, _detaching(getattr(cls, method), attr))
+    _PROBS_DETACHED = True
+
+
+def _detaching(method, attr: str):
+    """method, after which the instance's `attr` tensor is replaced by its detached self."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        kept = getattr(self, attr, None)
+        if isinstance(kept, torch.Tensor):
+            setattr(self, attr, kept.detach())
+        return out
+
+    return wrapper

@@ -81,8 +81,10 @@ def init_process_groups(
     from megatron.core import parallel_state
 
     init_distributed(timeout_minutes, trace_dir)
+    cpu_compat.detach_dispatcher_probs()  # or a dropped MoE model keeps itself and its groups alive
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        cpu_compat.forget_destroyed_groups()
         _destroy_subgroups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
@@ -113,5 +115,6 @@ def destroy_process_groups() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+        cpu_compat.forget_destroyed_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
