@@ -139,3 +139,49 @@ def test_loaded_adam_steps_are_per_parameter():
         state = opt._get_main_param_and_optimizer_states(p)
         assert all(torch.equal(state[k], values[k]) for k in values)
         assert float(opt.optimizer.state[state["param"]]["step"]) == 2.0
+
+
+def test_grad_norm_replacement_equals_the_norm_and_is_installed(process_groups):
+    """build_optimizer's replacement of megatron-core's host-synchronising L2-norm fallback: the
+    global norm of mixed-dtype gradients (fp32 and bf16 lists, one empty) as a [1] fp32 tensor on
+    their device, equal to the norm in float64; megatron-core's get_grad_norm_fp32 uses it once
+    installed (no Apex or Transformer Engine here)."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    from deltatron.train.optim import install_device_grad_norm, multi_tensor_l2_norm_on_device
+
+    gen = torch.Generator().manual_seed(0)
+    fp32 = [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen) * 100]
+    bf16 = [torch.randn(64, generator=gen).bfloat16()]
+    norm, per_tensor = multi_tensor_l2_norm_on_device(2048, None, [fp32, bf16, []], False)
+    want = torch.cat([t.double().flatten() for t in fp32 + bf16]).norm()
+    assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
+    assert torch.allclose(norm.double(), want.reshape(1), rtol=1e-6)
+
+    assert clip_grads.l2_norm_impl in (mcore_utils.local_multi_tensor_l2_norm, multi_tensor_l2_norm_on_device)
+    install_device_grad_norm()
+    assert clip_grads.l2_norm_impl is multi_tensor_l2_norm_on_device
+    total = clip_grads.get_grad_norm_fp32(fp32)
+    assert abs(float(total) - torch.cat([t.double().flatten() for t in fp32]).norm().item()) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation exists only with a GPU")
+def test_grad_norm_does_not_synchronise_per_parameter():
+    """On the GPU the replacement's norm of 200 gradients triggers no synchronising CUDA call
+    (megatron-core's fallback made 200)."""
+    import warnings
+
+    from deltatron.train.optim import multi_tensor_l2_norm_on_device
+
+    grads = [torch.randn(16, device="cuda") for _ in range(200)]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            multi_tensor_l2_norm_on_device(2048, None, [grads], False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, [str(w.message) for w in syncs[:3]]

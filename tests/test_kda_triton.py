@@ -333,3 +333,18 @@ def test_kernels_compile_for_sm90():
         cwd=repo, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_chunk_layouts_are_built_once_per_distinct_offsets():
+    """Every KDA layer of a micro-batch asks for the same layout: the cached one comes back (no
+    new host-to-device copies), whatever sequence type the offsets come in; other offsets or
+    chunk sizes get their own, and a layout's chunks are (first token, valid tokens)."""
+    from deltatron.kernels.kda.triton_common import chunk_layout
+
+    first = chunk_layout([0, 5, 9], 4, DEVICE)
+    assert chunk_layout((0, 5, 9), 4, torch.device(DEVICE)) is first
+    assert chunk_layout(torch.tensor([0, 5, 9]).tolist(), 4, DEVICE) is first
+    assert chunk_layout([0, 5, 10], 4, DEVICE) is not first
+    assert chunk_layout([0, 5, 9], 8, DEVICE) is not first
+    assert first.chunks.tolist() == [[0, 4], [4, 1], [5, 4]] and first.num_chunks == 3
+    assert first.seq_chunks.tolist() == [0, 2, 3] and first.seq_offsets.tolist() == [0, 5, 9]

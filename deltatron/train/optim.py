@@ -5,6 +5,14 @@ AdamW is megatron-core's optimizer (distributed optimizer when data-parallel and
 decay follows megatron-core's rule (none on biases and 1-D parameters: norms, KDA's A_log and
 dt_bias). The schedule is megatron-core's OptimizerParamScheduler: warmup then cosine, WSD
 (warmup-stable-decay) or constant.
+
+Gradient clipping's norm is megatron-core's `get_grad_norm_fp32` with one replacement
+(`install_device_grad_norm`): without Apex or Transformer Engine, megatron-core 0.19.2 computes it
+with `local_multi_tensor_l2_norm`, which builds a host list of every gradient's norm
+(`torch.tensor([torch.norm(g) for g in grads])`): one device-to-host copy and synchronisation per
+parameter, 966 per step in the proxy model (torch.cuda.set_sync_debug_mode shows them), each
+stalling the host behind the GPU. The replacement computes the same norm on the device with
+`torch._foreach_norm`.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from deltatron.train.config import OptimConfig
 def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: bool):
     """The optimizer `cfg.name` names for the (DDP-wrapped) model chunks: megatron-core's AdamW,
     or MuonClip (deltatron.train.muonclip; shards its own state, so `distributed` is for AdamW)."""
+    install_device_grad_norm()
     if cfg.name == "muonclip":
         from deltatron.train.muonclip import build_muonclip
 
@@ -43,6 +52,26 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: 
         align_state_index(inner)
         load_adam_steps_per_parameter(inner)
     return optimizer
+
+
+def multi_tensor_l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron-core's `local_multi_tensor_l2_norm` (the amp_C.multi_tensor_l2norm
+    signature; chunk_size, noop_flag and per_tensor are unused there too): the L2 norm of all
+    tensors together as a [1] fp32 tensor on their device, with no host synchronisation."""
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def install_device_grad_norm() -> None:
+    """Make megatron-core's gradient-norm computation use `multi_tensor_l2_norm_on_device` where it
+    would use its host-synchronising fallback (no Apex, no Transformer Engine); Apex's or TE's
+    fused kernel stays when present. Idempotent."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = multi_tensor_l2_norm_on_device
 
 
 def _distributed_parts(optimizer) -> list[DistributedOptimizer]:

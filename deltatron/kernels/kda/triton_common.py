@@ -22,6 +22,7 @@ pairs take the column-by-column path (in_block_decay_step, products of exp(g) <=
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -64,7 +65,17 @@ class ChunkLayout:
 
 def chunk_layout(offsets: Sequence[int], chunk_size: int, device: torch.device) -> ChunkLayout:
     """Cut every sequence [offsets[n], offsets[n + 1]) into chunks of chunk_size tokens (the last
-    one ragged); empty sequences get no chunk. Built on the host from Python ints."""
+    one ragged); empty sequences get no chunk. Built on the host from Python ints.
+
+    Every KDA layer of a micro-batch (and every micro-batch of fixed-length rows) asks for the same
+    layout, so layouts are cached by their offsets: the host-to-device copies of its three small
+    tensors (each a synchronisation from pageable memory) happen once per distinct layout, not in
+    every layer's forward. The tensors are never written."""
+    return _chunk_layout(tuple(int(o) for o in offsets), chunk_size, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_layout(offsets: tuple[int, ...], chunk_size: int, device: torch.device) -> ChunkLayout:
     if offsets[-1] >= 2**31:
         raise ValueError(
             f"{offsets[-1]} tokens in one call: the Triton KDA indexes tokens in int32"
