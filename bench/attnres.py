@@ -6,7 +6,11 @@ op against flash-linear-attention's fused AttnRes kernel, and the loss of a shor
 Three parts, each model run in its own process (a finished Trainer's memory is not all returned):
 1. step: `model=proxy` (12 layers, 24 sub-layers), bf16, sequence 4096, global batch 2, trained
    `--steps` steps with model.residual=standard and with block_attnres (`--blocks` blocks); the
-   median step time after `--warmup` steps and the peak allocated memory.
+   median step time after `--warmup` steps and the peak allocated memory. The proxy's step is
+   bound by the host (Python and kernel launches: the GPU is busy about half of it), so its time
+   follows the host's CPU speed, which differs between machines of one kind by 30% or more:
+   compare the two within one run. `--repeats N` runs both N times, alternating, and reports the
+   median of the runs' medians (each run's is kept in "<residual>_step_ms_runs").
 2. op: one block's depth attention, forward and backward, at the proxy's width and the 48B
    model's (D=2304), 8192 tokens, k sub-layers per block over m completed sources plus the
    partial block sum: ours (deltatron.model.attnres: one pass over the completed sources for
@@ -111,7 +115,7 @@ def op_case(tokens: int, hidden: int, completed_sources: int, sublayers: int, ep
         out, lse, _ = attend_completed(completed, queries, eps)
         p, outs = partial, []
         for k in range(sublayers):
-            h, _ = merge_partial(out[..., k, :], lse[..., k], p, queries[k], eps)
+            h, _ = merge_partial(out[k], lse[k], p, queries[k], eps)
             outs.append(h)
             p = p + updates[k]
         return outs
@@ -165,6 +169,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="step part: run standard and block_attnres this many times, alternating")
     parser.add_argument("--loss-steps", type=int, default=300)
     parser.add_argument("--parts", default="step,op,loss", help="which of step, op, loss to run")
     parser.add_argument("--out", default=None, help="default: bench/results/attnres_<device>.json")
@@ -182,13 +188,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if "step" in parts:
-            for residual in ("standard", "block_attnres"):
-                run = in_subprocess("step", [*STEP_MODEL, *COMMON, *residual_overrides(residual, args.blocks), *overrides],
-                                    args, tmp, f"step-{residual}")
-                record[f"{residual}_step_ms"] = run["step_ms"]
-                record[f"{residual}_peak_mem_gb"] = run["peak_mem_gb"]
-                record[f"{residual}_step_losses"] = run["losses"]
-                record[f"{residual}_parameters"] = run["parameters"]
+            medians = {"standard": [], "block_attnres": []}
+            for repeat in range(args.repeats):  # alternating, so drift of the host hits both alike
+                for residual in ("standard", "block_attnres"):
+                    run = in_subprocess("step", [*STEP_MODEL, *COMMON, *residual_overrides(residual, args.blocks), *overrides],
+                                        args, tmp, f"step-{residual}-{repeat}")
+                    medians[residual].append(run["step_ms"])
+                    record[f"{residual}_peak_mem_gb"] = run["peak_mem_gb"]
+                    record[f"{residual}_step_losses"] = run["losses"]
+                    record[f"{residual}_parameters"] = run["parameters"]
+            for residual, runs in medians.items():
+                record[f"{residual}_step_ms"] = statistics.median(runs)
+                record[f"{residual}_step_ms_runs"] = runs
             record["step_overrides"] = [*STEP_MODEL, *COMMON, *overrides]
             record["step_time_overhead"] = record["block_attnres_step_ms"] / record["standard_step_ms"] - 1
             if record["standard_peak_mem_gb"]:

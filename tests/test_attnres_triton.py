@@ -55,14 +55,21 @@ def attend_both(srcs, queries, g_out_seed=1):
     for impl, dtype in ((fused.attend, torch.float32), (attend_completed, torch.float64)):
         xs = [leaf(s, dtype) for s in srcs]
         q = leaf(queries, dtype)
-        out, lse, weights = impl(xs, q, EPS)
-        gen = torch.Generator().manual_seed(g_out_seed)
-        g_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
-        g_lse = torch.randn(lse.shape, generator=gen).to(DEVICE, dtype)
-        torch.autograd.backward([out, lse], [g_out, g_lse])
-        results.append({"out": out, "lse": lse, "weights": weights, "q": q.grad,
-                        **{f"x{j}": x.grad for j, x in enumerate(xs)}})
+        results.append(run_phase1(impl, xs, q, g_out_seed, dtype))
+        results[-1].update(q=q.grad, **{f"x{j}": x.grad for j, x in enumerate(xs)})
     return results
+
+
+def run_phase1(impl, xs, q, seed, dtype, unused=()):
+    """Phase 1's outputs (each query's output and lse stacked) after a backward of random upstream
+    gradients; the outputs of the queries in `unused` get none (their per-query outputs unused)."""
+    results = impl(xs, q, EPS)
+    k = q.shape[0]
+    outs, lses, weights = (results[:k], results[k : 2 * k], results[2 * k]) if impl is fused.attend else results
+    gen = torch.Generator().manual_seed(seed)
+    used = [t for i in range(k) if i not in unused for t in (outs[i], lses[i])]
+    torch.autograd.backward(used, [torch.randn(t.shape, generator=gen).to(DEVICE, dtype) for t in used])
+    return {"out": torch.stack(outs), "lse": torch.stack(lses), "weights": weights}
 
 
 @pytest.mark.parametrize(
@@ -83,9 +90,25 @@ def test_attend_matches_eager_outputs_and_gradients(m, k, S, B, D):
         assert err < TOL, f"{name}: relative error {err:.2e}"
 
 
+def test_unused_per_query_outputs_get_no_gradient():
+    """Per-query outputs that get no gradient (here the second query's output and log-sum-exp; in
+    the model, the first query of a block that has no partial sum to merge reads no log-sum-exp)
+    count as zero in both versions, and that query's gradient is exactly zero."""
+    srcs, queries = sources_and_queries(3, 3, 4, 2, 40, seed=5)
+    results = []
+    for impl, dtype in ((fused.attend, torch.float32), (attend_completed, torch.float64)):
+        xs, q = [leaf(s, dtype) for s in srcs], leaf(queries, dtype)
+        results.append(run_phase1(impl, xs, q, 1, dtype, unused=(1,)))
+        results[-1].update(q=q.grad, **{f"x{j}": x.grad for j, x in enumerate(xs)})
+    ours, ref = results
+    assert ours["q"][1].abs().max() == 0 and ref["q"][1].abs().max() == 0
+    for name in ref:
+        assert rel_err(ours[name], ref[name]) < TOL, name
+
+
 def test_attend_weights_are_a_softmax_over_sources():
     srcs, queries = sources_and_queries(4, 3, 6, 2, 32, seed=3)
-    _, _, weights = fused.attend([s.to(DEVICE) for s in srcs], queries.to(DEVICE), EPS)
+    weights = fused.attend([s.to(DEVICE) for s in srcs], queries.to(DEVICE), EPS)[-1]
     sums = weights.sum(0)
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-6)
     assert weights.min() > 0 and weights.max() < 1
@@ -118,8 +141,9 @@ def test_merge_matches_eager_outputs_and_gradients(S, B, D):
 
 
 def test_merge_reads_strided_slices_of_a_phase_one_output():
-    """Phase 2 gets out[..., k, :] and lse[..., k] of phase 1's [S, B, K, D] / [S, B, K] outputs
-    (rows evenly strided, not contiguous); the result equals merging contiguous copies."""
+    """Phase 2 may get strided per-query views (the eager phase 1 returns out[..., k, :] and
+    lse[..., k] of [S, B, K, D] / [S, B, K] tensors, the kernel's lse are views of [S, B, K]):
+    rows evenly strided, not contiguous; the result equals merging contiguous copies."""
     S, B, K, D = 5, 3, 3, 48
     gen = torch.Generator().manual_seed(7)
     out_all = torch.randn(S, B, K, D, generator=gen).to(DEVICE)
@@ -143,13 +167,14 @@ def test_half_precision_sources_keep_their_dtype(dtype):
     srcs, queries = sources_and_queries(3, 2, 4, 2, 64, seed=11)
     xs = [leaf(s, dtype) for s in srcs]
     q = leaf(queries)
-    out, lse, _ = fused.attend(xs, q, EPS)
+    results = fused.attend(xs, q, EPS)
+    out, lse = torch.stack(results[:2]), torch.stack(results[2:4])
     assert out.dtype == dtype and lse.dtype == torch.float32
     out.float().sum().backward()
     assert all(x.grad.dtype == dtype for x in xs) and q.grad.dtype == torch.float32
     ref_xs = [leaf(s.to(dtype), torch.float64) for s in srcs]
-    ref_out, _, _ = attend_completed(ref_xs, queries.double().to(DEVICE), EPS)
-    assert rel_err(out, ref_out) < 1e-2
+    ref_outs, _, _ = attend_completed(ref_xs, queries.double().to(DEVICE), EPS)
+    assert rel_err(out, torch.stack(ref_outs)) < 1e-2
 
 
 def test_model_with_the_kernels_matches_the_eager_phases(seeded, monkeypatch):

@@ -10,7 +10,8 @@ merge (phase 2): one query's phase-1 result o (log-sum-exp lse) with one more so
 Layout: tokens are rows, n = s * B + b of megatron-core's [S, B, D] hidden states (N = S * B rows).
     sources X  [m, N, D]   any float dtype (stacked by the caller)
     queries Q  [k, D]      fp32 effective queries (pseudo-query times key-norm weight)
-    out        [N, k, D]   in X's dtype;   lse [N, k] fp32;   weights [m, N, k] fp32;  rinv [m, N] fp32
+    out        [k, N, D]   in X's dtype (query-major: each query's output is contiguous)
+    lse [N, k] fp32;   weights [m, N, k] fp32;   rinv [m, N] fp32
 Every program computes in fp32. Per token the work is a few dot products of length D over m + k
 vectors, so the kernels are bound by memory traffic: each reads every source twice (once for the
 logits, once for the weighted sum), where the eager version made fp32 copies of every source and a
@@ -73,7 +74,7 @@ def _attend_fwd_kernel(
             w = tl.exp(tl.load(W + (j * N + n) * K + offs_k, mask=k_mask, other=0.0) - lse)
             x = tl.load(X + (j * N + n) * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             acc += w[:, None] * x[None, :]
-        tl.store(OUT + (n * K + offs_k[:, None]) * D + d0 + offs_d[None, :],
+        tl.store(OUT + (offs_k[:, None] * N + n) * D + d0 + offs_d[None, :],
                  acc.to(OUT.dtype.element_ty), mask=k_mask[:, None] & d_mask[None, :])
     for j in range(M):
         ptr = W + (j * N + n) * K + offs_k
@@ -103,7 +104,7 @@ def _attend_bwd_coef_kernel(
             d_mask = d0 + offs_d < D
             kd_mask = k_mask[:, None] & d_mask[None, :]
             x = tl.load(row + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            g_out = tl.load(GOUT + (n * K + offs_k[:, None]) * D + d0 + offs_d[None, :],
+            g_out = tl.load(GOUT + (offs_k[:, None] * N + n) * D + d0 + offs_d[None, :],
                             mask=kd_mask, other=0.0).to(tl.float32)
             q = tl.load(Q + offs_k[:, None] * D + d0 + offs_d[None, :], mask=kd_mask, other=0.0)
             g_w += tl.sum(g_out * x[None, :], 1)
@@ -138,7 +139,7 @@ def _attend_bwd_grad_kernel(
         d_mask = d0 + offs_d < D
         kd_mask = k_mask[:, None] & d_mask[None, :]
         q = tl.load(Q + offs_k[:, None] * D + d0 + offs_d[None, :], mask=kd_mask, other=0.0)
-        g_out = tl.load(GOUT + (n * K + offs_k[:, None]) * D + d0 + offs_d[None, :],
+        g_out = tl.load(GOUT + (offs_k[:, None] * N + n) * D + d0 + offs_d[None, :],
                         mask=kd_mask, other=0.0).to(tl.float32)
         for j in range(M):
             x = tl.load(X + (j * N + n) * D + d0 + offs_d, mask=d_mask, other=0.0).to(tl.float32)
@@ -294,11 +295,12 @@ class _Attend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, eps: float, queries: Tensor, *sources: Tensor):
+        ctx.set_materialize_grads(False)
         S, B, D = sources[0].shape
         m, k, N = len(sources), queries.shape[0], S * B
         X = torch.stack(sources).view(m, N, D)
         q = queries.detach().float().contiguous()
-        out = torch.empty(N, k, D, device=X.device, dtype=X.dtype)
+        out = torch.empty(k, N, D, device=X.device, dtype=X.dtype)
         lse = torch.empty(N, k, device=X.device, dtype=torch.float32)
         weights = torch.empty(m, N, k, device=X.device, dtype=torch.float32)
         rinv = torch.empty(m, N, device=X.device, dtype=torch.float32)
@@ -306,16 +308,18 @@ class _Attend(torch.autograd.Function):
         _attend_fwd_kernel[(N,)](X, q, out, lse, weights, rinv, N, D, m, k, eps, KP=KP, BLOCK_D=_block_d(D))
         ctx.save_for_backward(q, weights, rinv, *sources)
         ctx.mark_non_differentiable(weights)
-        return out.view(S, B, k, D), lse.view(S, B, k), weights.view(m, S, B, k)
+        return (*out.view(k, S, B, D).unbind(0), *lse.view(S, B, k).unbind(-1), weights.view(m, S, B, k))
 
     @staticmethod
-    def backward(ctx, g_out: Tensor, g_lse: Tensor, _g_weights):
+    def backward(ctx, *grads):
+        from deltatron.model.attnres import stack_grads
+
         q, weights, rinv, *sources = ctx.saved_tensors
         S, B, D = sources[0].shape
         m, k, N = len(sources), q.shape[0], S * B
         X = torch.stack(sources).view(m, N, D)
-        g_out = g_out.reshape(N, k, D).contiguous()
-        g_lse = torch.zeros(N, k, device=X.device) if g_lse is None else g_lse.reshape(N, k).float().contiguous()
+        g_out = stack_grads(grads[:k], sources[0], 0, sources[0].dtype)  # [k, S, B, D] = [k, N, D]
+        g_lse = stack_grads(grads[k : 2 * k], rinv[0].view(S, B), -1, torch.float32)  # [N, k]
         KP = triton.next_power_of_2(k)
         g_z = torch.empty(m, N, k, device=X.device, dtype=torch.float32)
         g_r = torch.empty(m, N, KP, device=X.device, dtype=torch.float32)
@@ -327,12 +331,12 @@ class _Attend(torch.autograd.Function):
         return (None, g_q, *(g.view(S, B, D) for g in g_x.unbind(0)))
 
 
-def attend(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def attend(sources: Sequence[Tensor], queries: Tensor, eps: float) -> tuple[Tensor, ...]:
     """Phase 1 (deltatron.model.attnres.attend_completed) with the Triton kernels.
 
     sources: m tensors [S, B, D], same dtype; queries [k, D] fp32.
-    Returns out [S, B, k, D] (sources' dtype), lse [S, B, k] fp32, weights [m, S, B, k] fp32
-    (no gradient)."""
+    Returns k outputs [S, B, D] (sources' dtype), k log-sum-exps [S, B] fp32, then the weights
+    [m, S, B, k] fp32 (no gradient)."""
     return _Attend.apply(eps, queries, *(s.contiguous() for s in sources))
 
 
@@ -342,6 +346,7 @@ class _Merge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float):
+        ctx.set_materialize_grads(False)
         S, B, D = partial.shape
         N = S * B
         o, o_stride = _row_view(out)
@@ -358,6 +363,8 @@ class _Merge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_h: Tensor, _g_share):
+        if g_h is None:  # h unused: no gradient anywhere
+            return None, None, None, None, None
         out, partial, q, share, rinv = ctx.saved_tensors
         S, B, D = partial.shape
         N = S * B

@@ -118,6 +118,19 @@ def _inverse_rms(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(x.pow(2).mean(-1) + eps)
 
 
+def stack_grads(grads: Sequence[Optional[Tensor]], like: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """The gradients of a phase-1 function's k per-query outputs (None for an unused one) stacked
+    along `dim` as one tensor of `dtype`; `like`: a tensor of the outputs' shape [S, B(, D)]."""
+    zero = None
+    out = []
+    for g in grads:
+        if g is None:
+            zero = torch.zeros(like.shape, dtype=dtype, device=like.device) if zero is None else zero
+            g = zero
+        out.append(g.to(dtype))
+    return torch.stack(out, dim)
+
+
 class _Phase1(torch.autograd.Function):
     """Softmax attention of k queries over m sources, per token (see `attend_completed`).
 
@@ -128,6 +141,7 @@ class _Phase1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, eps: float, queries: Tensor, *sources: Tensor):
+        ctx.set_materialize_grads(False)  # unused outputs (weights, some lse) get no zero-filled grads
         xs = [_wide(c) for c in sources]
         rinv = torch.stack([_inverse_rms(x, eps) for x in xs])  # [m, S, B]
         logits = torch.stack([x @ queries.t() for x in xs]) * rinv.unsqueeze(-1)  # [m, S, B, k]
@@ -139,13 +153,15 @@ class _Phase1(torch.autograd.Function):
             out = term if out is None else out.add_(term)
         ctx.save_for_backward(queries, weights, rinv, *sources)
         ctx.mark_non_differentiable(weights)
-        return out.to(sources[0].dtype), lse, weights
+        return (*out.to(sources[0].dtype).unbind(-2), *lse.unbind(-1), weights)
 
     @staticmethod
-    def backward(ctx, g_out: Tensor, g_lse: Tensor, _g_weights):
+    def backward(ctx, *grads):
         queries, weights, rinv, *sources = ctx.saved_tensors
-        d = queries.shape[1]
-        g_out = _wide(g_out)
+        k, d = queries.shape
+        wide = torch.promote_types(sources[0].dtype, torch.float32)
+        g_out = stack_grads(grads[:k], sources[0], -2, wide)  # [S, B, k, D]
+        g_lse = stack_grads(grads[k : 2 * k], rinv[0], -1, wide)  # [S, B, k]
         xs = [_wide(c) for c in sources]
         # d loss / d weight_j, then the softmax (and logsumexp) backward
         g_w = torch.stack([torch.einsum("sbkd,sbd->sbk", g_out, x) for x in xs])  # [m, S, B, k]
@@ -189,15 +205,20 @@ def attend_completed(
     """Phase 1: all k queries of a block over its m completed sources in one pass.
 
     completed: m tensors [S, B, D]; queries: [k, D] fp32 effective queries.
-    Returns (out [S, B, k, D] in the sources' dtype, the softmax-weighted sums; lse [S, B, k] fp32,
-    the log-sum-exp of the logits, which phase 2 merges with; weights [m, S, B, k], the softmax
-    over the completed sources, without gradient, for metrics).
+    Returns (outs: k tensors [S, B, D] in the sources' dtype, each query's softmax-weighted sum;
+    lses: k tensors [S, B] fp32, the log-sum-exp of each query's logits, which phase 2 merges with;
+    weights [m, S, B, k], the softmax over the completed sources, without gradient, for metrics).
+    Per-query outputs rather than one [S, B, k, D] tensor: indexing that one would make autograd
+    zero-fill and add a full-size gradient for every query.
     """
     if _fused_kernels(completed[0]):
         from deltatron.kernels.attnres import attend
 
-        return attend(completed, queries, eps)
-    return _Phase1.apply(eps, queries, *completed)
+        results = attend(completed, queries, eps)
+    else:
+        results = _Phase1.apply(eps, queries, *completed)
+    k = queries.shape[0]
+    return results[:k], results[k : 2 * k], results[2 * k]
 
 
 class _Phase2(torch.autograd.Function):
@@ -206,6 +227,7 @@ class _Phase2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: Tensor, lse: Tensor, partial: Tensor, query: Tensor, eps: float):
+        ctx.set_materialize_grads(False)
         p = _wide(partial)
         r = _inverse_rms(p, eps)  # [S, B]
         lp = (p @ query) * r
@@ -216,7 +238,9 @@ class _Phase2(torch.autograd.Function):
         return h.to(out.dtype), share
 
     @staticmethod
-    def backward(ctx, g_h: Tensor, _g_share):
+    def backward(ctx, g_h: Optional[Tensor], _g_share):
+        if g_h is None:  # h unused: no gradient anywhere
+            return None, None, None, None, None
         out, partial, query, r, share = ctx.saved_tensors
         g_h, o, p = _wide(g_h), _wide(out), _wide(partial)
         s = share.unsqueeze(-1)
@@ -271,12 +295,12 @@ def run_block_group(
     the sources' dtype. record(k, completed weights [S, B] each, partial weight [S, B] or None)
     receives the softmax weights when given (metrics). Returns the partial sum after the group.
     """
-    out, lse, weights = attend_completed(completed, queries, eps)  # phase 1
+    outs, lses, weights = attend_completed(completed, queries, eps)  # phase 1
     for k in range(queries.shape[0]):
         if partial is None:
-            h, share = out[..., k, :], None
+            h, share = outs[k], None
         else:  # phase 2: the one source that changes inside the block
-            h, share = merge_partial(out[..., k, :], lse[..., k], partial, queries[k], eps)
+            h, share = merge_partial(outs[k], lses[k], partial, queries[k], eps)
         if record is not None:
             with torch.no_grad():
                 scale = 1 if share is None else share
@@ -316,6 +340,14 @@ class DepthQuery(MegatronModule):
     def effective_query(self) -> Tensor:
         """w * g, [D] fp32: the query against keys normalised without weight."""
         return self.pseudo_query.float() * self.key_norm.weight.float()
+
+
+def effective_queries(queries: Sequence[DepthQuery]) -> Tensor:
+    """[k, D] fp32: the effective queries of k sub-layers (`DepthQuery.effective_query` of each),
+    with a fixed number of autograd ops whatever k (this runs for every block of every step)."""
+    pseudo = torch.stack([dq.pseudo_query for dq in queries]).float()
+    weight = torch.stack([dq.key_norm.weight for dq in queries]).float()
+    return pseudo * weight
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -424,10 +456,10 @@ class AttnResStack(KimiLinearStack):
     def _final_aggregate(self, completed: list[Tensor]) -> Tensor:
         """The final aggregation over every source ([S, B, D] each) -> [S, B, D]."""
         final = self.final_depth_query
-        out, _, weights = attend_completed(completed, final.effective_query().unsqueeze(0), final.eps)
+        outs, _, weights = attend_completed(completed, final.effective_query().unsqueeze(0), final.eps)
         if self.metrics is not None:
             self.metrics.add_weights(self.layout.num_sublayers, range(len(completed)), [w[..., 0] for w in weights])
-        return out[..., 0, :]
+        return outs[0]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -465,7 +497,7 @@ class AttnResStack(KimiLinearStack):
         for group in self.groups:
             ids = [self.sublayer_ids[i] for i in group]
             queries = [self.depth_queries[str(l)] for l in ids]
-            q = torch.stack([dq.effective_query() for dq in queries])  # [k, D]
+            q = effective_queries(queries)  # [k, D]
 
             def run_layer(k, h, group=group, ids=ids):
                 f = self._run_layer(group[k], h, layer_kwargs)
