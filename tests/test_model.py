@@ -159,3 +159,98 @@ def test_a_log_and_dt_bias_stay_out_of_weight_decay(seeded):
     assert decay_of[id(kda.A_log)] == 0.0 and decay_of[id(kda.dt_bias)] == 0.0
     assert decay_of[id(kda.linear_q.weight)] == pytest.approx(0.1)
     assert kda.A_log.dtype == torch.float32 and kda.dt_bias.dtype == torch.float32
+
+
+def _rope_calls(monkeypatch):
+    """Count megatron-core's unfused RoPE kernels (bshd and thd), which stay in place."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    calls = {"bshd": 0, "thd": 0}
+    for fmt in calls:
+        original = getattr(rope_utils, f"_apply_rotary_pos_emb_{fmt}")
+
+        def counted(*args, _fmt=fmt, _original=original, **kwargs):
+            calls[_fmt] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(rope_utils, f"_apply_rotary_pos_emb_{fmt}", counted)
+    return calls
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["thd", "bshd"])
+def test_nope_mla_skips_the_empty_rotation_exactly(seeded, monkeypatch, packed):
+    """rotary_percent 0: megatron-core's RoPE (2 host syncs per call on THD) is never called,
+    and logits and every parameter gradient equal those of megatron-core's own path."""
+    from megatron.core.transformer import multi_latent_attention
+
+    from deltatron.model.mla import KimiMLASelfAttention
+
+    cfg = ModelConfig(**SMALL)
+    model = build_model(cfg)
+    n_mla = sum(isinstance(l.self_attention, KimiMLASelfAttention) for l in model.decoder.layers)
+    assert n_mla > 0
+    gen = torch.Generator().manual_seed(3)
+    if packed:
+        tokens = torch.randint(0, cfg.vocab_size, (1, 48), generator=gen)
+        kw = dict(packed_seq_params=packed_seq_params(torch.tensor([0, 17, 22, 48]), 26))
+    else:
+        tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen)
+        kw = {}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens, None, None, **kw)
+        (logits.float().square().mean() + logits[..., :7].sum()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = _rope_calls(monkeypatch)
+    logits, grads = run()
+    assert calls == {"bshd": 0, "thd": 0}
+
+    # megatron-core's path: its own apply_rotary_pos_emb in the MLA module's namespace
+    monkeypatch.setattr(
+        multi_latent_attention, "apply_rotary_pos_emb",
+        multi_latent_attention.apply_rotary_pos_emb.original,
+    )
+    ref_logits, ref_grads = run()
+    fmt = "thd" if packed else "bshd"
+    assert calls[fmt] == 2 * n_mla  # q and k of every MLA layer (the test can tell)
+    assert torch.equal(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+
+
+def test_megatron_rope_with_an_empty_frequency_table_is_the_identity():
+    """What the skip relies on, checked in megatron-core's own function: zero-width freqs leave
+    t unchanged (bshd and thd, mscale, MLA interleaving); nonzero widths still reach it."""
+    from megatron.core.transformer import multi_latent_attention
+
+    wrapped = multi_latent_attention.apply_rotary_pos_emb
+    original = wrapped.original
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    cfg = ModelConfig(**SMALL).to_transformer_config()
+    torch.manual_seed(0)
+    empty = torch.empty(26, 1, 1, 0)
+    kw = dict(config=cfg, mscale=1.7, cp_group=OneRank(), mla_rotary_interleaved=True)
+    t = torch.randn(12, 2, 3, 8, requires_grad=True)  # bshd
+    out = original(t, empty[:12], **kw)
+    assert torch.equal(out, t)
+    upstream = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, t, upstream)[0], upstream)
+    t = torch.randn(48, 3, 8)  # thd, three documents
+    cu = torch.tensor([0, 17, 22, 48], dtype=torch.int32)
+    assert torch.equal(original(t, empty, cu_seqlens=cu, **kw), t)
+    assert wrapped(t, empty, cu_seqlens=cu, **kw) is t
+    # a real table goes to megatron-core unchanged
+    freqs = torch.randn(26, 1, 1, 8)
+    rotated = wrapped(t, freqs, cu_seqlens=cu, **kw)
+    assert torch.equal(rotated, original(t, freqs, cu_seqlens=cu, **kw))
+    assert not torch.allclose(rotated, t)

@@ -11,6 +11,25 @@ megatron-core's `MLASelfAttention` does the projections; two things are ours:
   maximum attention logit that MuonClip's QK-clip needs, in megatron-core's attribute
   `current_max_attn_logits` so `MLASelfAttention.clip_qk` works with it unchanged.
 
+NoPE without the rotation: megatron-core's MLA calls `apply_rotary_pos_emb` on the 64-dim "rope"
+query/key parts every forward, even with our rotary_percent 0, whose frequency table is empty
+(zero width). That call is then the identity (rot_dim = 0: no channel is rotated, mscale and the
+MLA interleaving act on no channel, the rest passes through unchanged), but on our packed (THD)
+batches megatron-core's THD path reads `cu_seqlens` back to the host twice (`.tolist()`,
+`.item()`) and splits and re-concatenates the tensors per document: 4 device->host syncs per MLA
+layer per micro-batch for nothing. `_skip_empty_rotation` wraps `apply_rotary_pos_emb` in
+megatron-core's multi_latent_attention module (the name MLA calls) to return its input unchanged
+when the frequency table has zero width, and calls megatron-core's function unchanged otherwise.
+A wrapper of that module-level name, because nothing narrower works without forking: the rotary
+table is computed and applied inside the ~300-line `get_query_key_value_tensors` (its nested
+`qkv_up_proj_and_rope_apply`), which cannot take "no rotary embedding" (it slices the table and
+passes it on), so there is no method of `KimiMLASelfAttention` to override short of copying it.
+The wrapper acts for every MLA in the process, but only where the call is the identity anyway
+(MLA calls that name only unfused, apply_rope_fusion off; tests/test_model.py checks the identity
+and the equality of logits and gradients with megatron-core's path, packed and unpacked).
+The rotary module's own forward stays: an `lru_cache` hit per layer, and on a miss (a new
+max_seqlen) a few tiny kernels building an empty table, no host sync.
+
 Context parallelism (`_forward_context_parallel`): each CP rank holds a contiguous slice of the
 packed row (the slices KDA needs, deltatron/parallel/cp_slice.py), all-gathers K and V of its CP
 group and attends its queries to the keys of their documents up to themselves (causal, aligned
@@ -35,6 +54,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, gather_from_sequ
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer import multi_latent_attention as _megatron_mla
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 from deltatron.model.attention_kernels import causal_attention, varlen_causal_attention
@@ -43,6 +63,30 @@ from deltatron.parallel.cp_slice import CPSlice, cp_slice_of
 
 # Query rows per block when computing max logits without materialising the full [T, T] scores.
 _MAX_LOGIT_BLOCK = 1024
+
+
+def _skip_empty_rotation(apply_rotary_pos_emb):
+    """megatron-core's `apply_rotary_pos_emb`, returning `t` itself when `freqs` has zero width.
+
+    Why (see the module docstring): with NoPE (rotary_percent 0) the rotation is the identity, but
+    megatron-core's THD path syncs with the host twice per call to compute it. Exactly the same
+    values and gradients: with rot_dim = freqs.shape[-1] = 0 megatron-core returns
+    cat(rotate(t[..., :0]), t[..., 0:]), i.e. a copy of t (per document on THD), whatever mscale,
+    rotary_interleaved or mla_rotary_interleaved say. Any nonzero width goes to megatron-core.
+    """
+
+    def apply(t, freqs, *args, **kwargs):
+        if isinstance(freqs, torch.Tensor) and freqs.shape[-1] == 0:
+            return t
+        return apply_rotary_pos_emb(t, freqs, *args, **kwargs)
+
+    apply.original = apply_rotary_pos_emb
+    return apply
+
+
+# Installed once in the namespace MLASelfAttention calls it from (idempotent on re-import).
+if not hasattr(_megatron_mla.apply_rotary_pos_emb, "original"):
+    _megatron_mla.apply_rotary_pos_emb = _skip_empty_rotation(_megatron_mla.apply_rotary_pos_emb)
 
 
 class KimiMLASelfAttention(MLASelfAttention):
