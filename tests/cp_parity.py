@@ -26,8 +26,9 @@ DOC_STARTS = [[0], [0, 10, 16, 20, 32, 40, 61]]
 GLOBAL_BATCH = len(DOC_STARTS)
 
 
-def run_config(layout: dict, run_dir: str):
-    cfg = parity.run_config(layout, run_dir)
+def run_config(layout: dict, run_dir: str, model: dict | None = None):
+    """model: ModelConfig fields over the parity model (e.g. residual="block_attnres")."""
+    cfg = parity.run_config(layout, run_dir, model)
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, seq_length=SEQ),
@@ -56,14 +57,15 @@ class LongBatches(parity.FixedBatches):
         return "fixed long-sequence test batch"
 
 
-def train(layout: dict, init_ckpt: str, final_ckpt: str, run_dir: str, save_init: bool = False) -> dict:
+def train(layout: dict, init_ckpt: str, final_ckpt: str, run_dir: str, save_init: bool = False,
+          model: dict | None = None) -> dict:
     """Losses and gradient norms of STEPS optimizer steps under `layout` from `init_ckpt` (with
     save_init: save the freshly initialised weights there first, for the other layouts)."""
     from megatron.core import parallel_state
 
     from deltatron.train.checkpoint import load_model, save_model
 
-    trainer = parity.make_trainer(run_config(layout, run_dir), LongBatches)
+    trainer = parity.make_trainer(run_config(layout, run_dir, model), LongBatches)
     if save_init:
         save_model(trainer.model, init_ckpt)
     else:
@@ -84,9 +86,10 @@ def train(layout: dict, init_ckpt: str, final_ckpt: str, run_dir: str, save_init
     return {"loss": losses, "grad_norm": grad_norms, "sizes": sizes}
 
 
-def layouts_job(rank: int, world_size: int, layouts: dict, init_ckpt: str, out_dir: str) -> dict:
+def layouts_job(rank: int, world_size: int, layouts: dict, init_ckpt: str, out_dir: str,
+                model: dict | None = None) -> dict:
     """Every named layout in turn on this set of processes."""
     return {
-        name: train(layout, init_ckpt, f"{out_dir}/{name}", f"{out_dir}/run-{name}")
+        name: train(layout, init_ckpt, f"{out_dir}/{name}", f"{out_dir}/run-{name}", model=model)
         for name, layout in layouts.items()
     }

@@ -187,6 +187,37 @@ def test_context_parallel_layout_matches_single_process(name, cp_reference, cp_f
     _check_cp(name, got, cp_reference)
 
 
+# Block AttnRes under CP: the depth attention is per token, so each rank attends over its slice
+# of every block representation; the pseudo-query gradients are summed over dp x cp by DDP, and
+# under PP the stages hand on the sliced block representations. Uneven blocks (3 over the 8
+# sub-layers), so a block spans the two pipeline stages.
+ATTNRES = dict(residual="block_attnres", attnres_blocks=3)
+ATTNRES_FOUR_PROCESS = {"attnres_cp2_dp2": dict(cp=2), "attnres_cp2_pp2": dict(cp=2, pp=2)}
+
+
+@pytest.fixture(scope="module")
+def attnres_cp_runs(tmp_path_factory, process_groups):
+    """The single-process Block AttnRes run (initial and final weights, losses) and the CP
+    layouts from the same initial weights, in one 4-process launch."""
+    import cp_parity
+    from distributed import run_distributed
+    from test_parallel_parity import _params
+
+    tmp = tmp_path_factory.mktemp("cp_attnres")
+    init = str(tmp / "init")
+    ref = cp_parity.train({}, init, str(tmp / "ref"), str(tmp / "run-ref"), save_init=True, model=ATTNRES)
+    runs = run_distributed(cp_parity.layouts_job, 4, ATTNRES_FOUR_PROCESS, init, str(tmp), ATTNRES)[0]
+    return (tmp, init, ref, _params(str(tmp / "ref"))), runs
+
+
+@pytest.mark.parametrize("name", sorted(ATTNRES_FOUR_PROCESS))
+def test_block_attnres_under_context_parallelism_matches_single_process(name, attnres_cp_runs):
+    reference, runs = attnres_cp_runs
+    got = runs[name]
+    assert got["sizes"] == {key: ATTNRES_FOUR_PROCESS[name].get(key, 1) for key in ("cp", "tp", "pp", "ep")}
+    _check_cp(name, got, reference)
+
+
 @pytest.mark.parametrize(
     "layout, row, message",
     [
@@ -210,7 +241,6 @@ def test_context_parallel_rejects_rows_it_cannot_cut(layout, row, message):
     "overrides, message",
     [
         (dict(transformer_impl="transformer_engine"), "set model.transformer_impl=local"),
-        (dict(residual="block_attnres"), "use model.residual=standard or parallel.cp=1"),
     ],
 )
 def test_context_parallel_rejects_what_it_does_not_cover(overrides, message):

@@ -96,11 +96,6 @@ class ParallelConfig:
                 "contiguous slices (KDA needs them), not Transformer Engine's zigzag CP attention: "
                 "set model.transformer_impl=local"
             )
-        if model.residual != "standard":
-            errors.append(
-                f"parallel.cp={self.cp} is not tested with model.residual={model.residual}: use "
-                "model.residual=standard or parallel.cp=1"
-            )
         return errors
 
     def validate_sequence(self, seq_length: int, micro_batch_size: int, model=None) -> None:
