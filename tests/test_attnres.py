@@ -319,7 +319,7 @@ def test_attnres_cli_config_and_tiny_training_run(tmp_path, process_groups, monk
 # Parity model with 3 uneven blocks over its 8 sub-layers (3 + 3 + 2), so blocks straddle stage
 # boundaries and partial sums travel between stages.
 PIPE = {"residual": "block_attnres", "attnres_blocks": 3}
-TWO = {"pp2": dict(pp=2), "pp2_vpp2": dict(pp=2, vpp=2)}
+TWO = {"pp2": dict(pp=2), "pp2_vpp2": dict(pp=2, vpp=2), "dp2_ep2": dict(ep=2)}
 FOUR = {"tp2_pp2": dict(tp=2, pp=2, sequence_parallel=True)}
 TWO_MICROBATCHES = {"pp2_vpp2_2mb": dict(pp=2, vpp=2)}
 
@@ -377,7 +377,9 @@ def pipeline_runs(tmp_path_factory, process_groups):
 
 
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
-def test_pipeline_layouts_match_single_process(name, pipeline_runs):
+def test_parallel_layouts_match_single_process(name, pipeline_runs):
+    """Block AttnRes under PP2, PP2 x VPP2, DP2 x EP2 and TP2 x PP2 (sequence parallel) against one
+    process (CP layouts: tests/test_context_parallel.py)."""
     from test_parallel_parity import _check, _params
 
     tmp, ref_losses, ref_params, results = pipeline_runs
@@ -401,7 +403,7 @@ def test_interleaved_pipeline_with_two_micro_batches_trains(pipeline_runs):
 HANDED_ON = {"pp2": 3, "pp2_vpp2": 5, "tp2_pp2": 3}
 
 
-@pytest.mark.parametrize("name", [*TWO, *FOUR])
+@pytest.mark.parametrize("name", sorted(HANDED_ON))
 def test_bytes_per_micro_batch_are_the_incremental_blocks(name, pipeline_runs):
     import parity
 
