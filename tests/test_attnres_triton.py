@@ -79,6 +79,7 @@ def run_phase1(impl, xs, q, seed, dtype, unused=()):
         (1, 1, 7, 1, 24),  # the first block of a stage: one source, one query
         (4, 5, 3, 3, 1100),  # several per-row D chunks (1024) and row-range chunks (256), k not 2^n
         (9, 2, 11, 1, 72),  # the 48B model's 9 completed sources at the last block
+        (2, 12, 3, 2, 600),  # a block of 12 sub-layers: query tiles cap the D chunk at 512
     ],
 )
 def test_attend_matches_eager_outputs_and_gradients(m, k, S, B, D):

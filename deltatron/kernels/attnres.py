@@ -258,9 +258,11 @@ def _merge_bwd_grad_kernel(
 
 
 # ------------------------------------------------------------------------------------ launching
-def _block_d(D: int) -> int:
-    """D chunk of the per-row kernels: the whole row up to 1024 elements."""
-    return min(1024, triton.next_power_of_2(D))
+def _block_d(D: int, KP: int = 1) -> int:
+    """D chunk of the per-row kernels: the whole row up to 1024 elements, and at most 8192 elements
+    in their [KP, chunk] query tiles (blocks of more than 8 sub-layers get shorter chunks rather
+    than tiles too large for registers)."""
+    return min(1024, triton.next_power_of_2(D), max(64, 8192 // KP))
 
 
 # tiles of the query-gradient kernel, and its programs per SM (D tiles times row splits)
@@ -305,7 +307,7 @@ class _Attend(torch.autograd.Function):
         weights = torch.empty(m, N, k, device=X.device, dtype=torch.float32)
         rinv = torch.empty(m, N, device=X.device, dtype=torch.float32)
         KP = triton.next_power_of_2(k)
-        _attend_fwd_kernel[(N,)](X, q, out, lse, weights, rinv, N, D, m, k, eps, KP=KP, BLOCK_D=_block_d(D))
+        _attend_fwd_kernel[(N,)](X, q, out, lse, weights, rinv, N, D, m, k, eps, KP=KP, BLOCK_D=_block_d(D, KP))
         ctx.save_for_backward(q, weights, rinv, *sources)
         ctx.mark_non_differentiable(weights)
         return (*out.view(k, S, B, D).unbind(0), *lse.view(S, B, k).unbind(-1), weights.view(m, S, B, k))
@@ -324,9 +326,10 @@ class _Attend(torch.autograd.Function):
         g_z = torch.empty(m, N, k, device=X.device, dtype=torch.float32)
         g_r = torch.empty(m, N, KP, device=X.device, dtype=torch.float32)
         _attend_bwd_coef_kernel[(N,)](X, q, weights, rinv, g_out, g_lse, g_z, g_r, N, D, m, k, KP=KP,
-                                      BLOCK_D=_block_d(D))
+                                      BLOCK_D=_block_d(D, KP))
         g_x = torch.empty_like(X)
-        _attend_bwd_grad_kernel[(N,)](X, q, weights, g_out, g_z, g_r, g_x, N, D, m, k, KP=KP, BLOCK_D=_block_d(D))
+        _attend_bwd_grad_kernel[(N,)](X, q, weights, g_out, g_z, g_r, g_x, N, D, m, k, KP=KP,
+                                      BLOCK_D=_block_d(D, KP))
         g_q = query_grad(X.view(m * N, D), g_z.view(m * N, k), k)
         return (None, g_q, *(g.view(S, B, D) for g in g_x.unbind(0)))
 
