@@ -180,7 +180,10 @@ def dp_broadcast(grid: Grid, tensors_by_owner: list[list[torch.Tensor]]) -> None
             by_dtype.setdefault(t.dtype, []).append(t)
         for dtype in sorted(by_dtype, key=str):
             group = by_dtype[dtype]
-            flat = _flatten_dense_tensors([t.data for t in group])
+            if d == grid.dp_rank:
+                flat = _flatten_dense_tensors([t.data for t in group])
+            else:  # receives: its old values would only be overwritten
+                flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=group[0].device)
             dist.broadcast(flat, src=src, group=grid.dp_group)
             if d != grid.dp_rank:
                 for t, new in zip(group, _unflatten_dense_tensors(flat, group)):
