@@ -32,6 +32,7 @@ from deltatron.kernels.kda import (  # noqa: E402
     naive_recurrent_kda,
 )
 from deltatron.kernels.kda.triton_chunk import chunk_kda_triton  # noqa: E402
+from test_kda_ops import make_inputs  # noqa: E402  (the inputs the torch backends are tested on)
 
 
 # Relative tolerance (max abs difference over max abs reference) against the fp32 oracle.
@@ -47,31 +48,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert torch.isfinite(actual).all(), "non-finite values"
     err = (actual.double() - expected.double()).abs().max().item()
     return err / max(expected.double().abs().max().item(), 1e-6)
-
-
-def make_inputs(B, T, H, K, V, decay, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, H, V, generator=gen)
-    if decay == "mild":
-        g = -F.softplus(torch.randn(B, T, H, K, generator=gen)) * 0.3
-    elif decay == "strong":  # every channel loses e^-5 .. e^-20 per token
-        g = -(5 + 15 * torch.rand(B, T, H, K, generator=gen))
-    elif decay == "mixed":  # half the channels barely decay, the rest down to -20 per token
-        strong = torch.rand(B, T, H, K, generator=gen) < 0.5
-        g = torch.where(
-            strong,
-            -20 * torch.rand(B, T, H, K, generator=gen),
-            -0.01 * torch.rand(B, T, H, K, generator=gen),
-        )
-    elif decay == "spiky":  # long memory with rare near-resets: big chunk-level decay sums
-        spike = torch.rand(B, T, H, K, generator=gen) < 0.1
-        g = torch.where(spike, -20.0, -1e-3 * torch.rand(B, T, H, K, generator=gen))
-    else:
-        raise AssertionError(decay)
-    beta = torch.rand(B, T, H, generator=gen) * 0.98 + 0.01
-    return q, k, v, g, beta
 
 
 def run_both(B, T, H, K, V, chunk, decay, with_init, cu=None, final_state=True, seed=0):
