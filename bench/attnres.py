@@ -41,6 +41,11 @@ from common import REPO, ResultsFile, compose, device_tag, environment, fit_loss
 STEP_MODEL = ["model=proxy", "data.seq_length=4096", "train.micro_batch_size=1", "train.global_batch_size=2"]
 LOSS_MODEL = ["model=tiny"]
 COMMON = ["train.eval_interval=0", "train.save_interval=0", "logging.wandb=false"]
+REFERENCE = (
+    "measured in the same run: Block AttnRes against standard residuals (same model, data and steps; "
+    "runs alternate with --repeats), and our depth-attention op against flash-linear-attention's "
+    "fused_attnres at the same shapes"
+)
 
 
 def residual_overrides(residual: str, blocks: int) -> list[str]:
@@ -183,7 +188,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     env = environment()
     out = args.out or os.path.join(REPO, "bench", "results", f"attnres_{device_tag(env['device'])}.json")
-    results = ResultsFile(out, {"benchmark": "attnres", **env, "blocks": args.blocks}, args.update)
+    results = ResultsFile(out, {"benchmark": "attnres", **env, "reference": REFERENCE, "blocks": args.blocks}, args.update)
     record = results.record
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,6 +54,11 @@ CPU_LENGTHS = (256, 512, 1024)
 # recompute and the output layer's loss by blocks of tokens
 GPU_RECOMPUTE = ("train.recompute_granularity=full",)
 GPU_CHUNKED_LOSS = ("train.cross_entropy_chunk_size=4096",)
+REFERENCE = (
+    "measured in the same run: each length against the shortest (scaling: time ratio / length ratio "
+    "per layer kind), and KDA layers against MLA (softmax attention) layers at every length; issue 15 "
+    "names no external reference for this benchmark"
+)
 
 
 def measure(length: int, steps: int, warmup: int, cpu: bool, run_dir: str, overrides: list[str]) -> dict:
@@ -158,7 +163,7 @@ def main() -> None:
     out = args.out or os.path.join(REPO, "bench", "results", f"long_context_{tag}.json")
     env_record = environment()
     results = ResultsFile(out, {
-        "benchmark": "long_context", "gpu": env_record["device"], **env_record,
+        "benchmark": "long_context", "gpu": env_record["device"], **env_record, "reference": REFERENCE,
         "model": "tiny" if args.cpu else "proxy", "micro_batch_size": 1, "documents_per_sequence": 1,
         "steps": args.steps, "warmup": args.warmup, "overrides": overrides, "lengths": [],
     })

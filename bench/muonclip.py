@@ -64,6 +64,10 @@ def run(optimizer: str, overrides: list[str], steps: int, warmup: int) -> dict:
 
 
 LOSS_MODEL = ["model=tiny", "logging.wandb=false", "train.save_interval=0"]
+REFERENCE = (
+    "measured in the same run: MuonClip against megatron-core's AdamW (same model, data, steps and "
+    "parallel layout)"
+)
 
 
 def _child(args, overrides: list[str]) -> None:
@@ -104,7 +108,7 @@ def main() -> None:
     parts = args.parts.split(",")
     env = environment()
     out = args.out or os.path.join(REPO, "bench", "results", f"muonclip_{device_tag(env['device'])}.json")
-    results = ResultsFile(out, {"benchmark": "muonclip", **env}, args.update)
+    results = ResultsFile(out, {"benchmark": "muonclip", **env, "reference": REFERENCE}, args.update)
     record = results.record
 
     # One process (group) per optimizer: a Trainer's GPU memory is not returned within a process.
