@@ -24,7 +24,7 @@ merges each sub-layer's one extra source, the partial sum, with an exact online-
 
 Keys: RMSNorm_l(v) = g_l * v / rms(v), with g_l the weight of a norm module built from the stack's
 norm spec, so w_l . RMSNorm_l(v) = (w_l * g_l) . v / rms(v). We fold g_l into the query
-(`DepthQuery.effective_query`) and never materialise normalised keys: one dot product and one rms
+(`effective_queries`) and never materialise normalised keys: one dot product and one rms
 per (block, token) serve all queries of a block.
 
 Shapes follow megatron-core: hidden states are [S, B, D] (sequence, batch, hidden); under sequence
@@ -47,6 +47,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import make_viewless_tensor
 
+from deltatron.kernels import triton_available
 from deltatron.model.model import KimiLinearStack
 
 
@@ -187,16 +188,7 @@ def _fused_kernels(x: Tensor) -> bool:
     in fp32, bf16 or fp16 (the kernels accumulate in fp32), where Triton imports. Elsewhere
     (CPU, float64 gradient checks) they run as the eager functions above, which are also the
     kernels' test reference."""
-    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_imports()
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()
 
 
 def attend_completed(
@@ -337,14 +329,12 @@ class DepthQuery(MegatronModule):
     def eps(self) -> float:
         return float(self.key_norm.eps)
 
-    def effective_query(self) -> Tensor:
-        """w * g, [D] fp32: the query against keys normalised without weight."""
-        return self.pseudo_query.float() * self.key_norm.weight.float()
 
 
 def effective_queries(queries: Sequence[DepthQuery]) -> Tensor:
-    """[k, D] fp32: the effective queries of k sub-layers (`DepthQuery.effective_query` of each),
-    with a fixed number of autograd ops whatever k (this runs for every block of every step)."""
+    """[k, D] fp32: the effective queries w * g of k sub-layers (or of the final aggregation), each
+    its pseudo-query times its key norm's weight: the query against keys normalised without weight.
+    A fixed number of autograd ops whatever k (this runs for every block of every step)."""
     pseudo = torch.stack([dq.pseudo_query for dq in queries]).float()
     weight = torch.stack([dq.key_norm.weight for dq in queries]).float()
     return pseudo * weight
@@ -456,7 +446,7 @@ class AttnResStack(KimiLinearStack):
     def _final_aggregate(self, completed: list[Tensor]) -> Tensor:
         """The final aggregation over every source ([S, B, D] each) -> [S, B, D]."""
         final = self.final_depth_query
-        outs, _, weights = attend_completed(completed, final.effective_query().unsqueeze(0), final.eps)
+        outs, _, weights = attend_completed(completed, effective_queries([final]), final.eps)
         if self.metrics is not None:
             self.metrics.add_weights(self.layout.num_sublayers, range(len(completed)), [w[..., 0] for w in weights])
         return outs[0]

@@ -19,11 +19,11 @@ forward and backward kernels for CUDA tensors, chunk_size 16, 32, 64 or 128; see
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
+from deltatron.kernels import triton_available
 from deltatron.kernels.kda.chunk import chunk_kda_torch
 from deltatron.kernels.kda.naive import naive_recurrent_kda
 
@@ -32,14 +32,9 @@ __all__ = ["available_backends", "chunk_kda_torch", "kda", "naive_recurrent_kda"
 _BACKENDS = ("torch", "naive")
 
 
-@functools.lru_cache(maxsize=None)
 def available_backends() -> tuple[str, ...]:
     """Names `kda(..., backend=...)` accepts in this installation ("triton" only if it imports)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return _BACKENDS
-    return _BACKENDS + ("triton",)
+    return _BACKENDS + (("triton",) if triton_available() else ())
 
 
 def kda(
