@@ -8,7 +8,6 @@ import yaml
 
 from deltatron.model.config import ModelConfig
 from deltatron.model.hf import hf_to_deltatron, load_hf_into, to_hf_config
-from deltatron.model.kda import causal_short_conv, positions_in_documents
 from deltatron.model.model import build_model, build_model_on_meta, packed_seq_params
 
 from conftest import REPO
@@ -108,19 +107,6 @@ def test_kimi_linear_48b_a3b_parameter_counts_on_meta_device(process_groups):
     assert abs(counts["total"] / 1e9 - 49.1) < 0.1
     assert abs(counts["active_no_embedding"] / 1e9 - 2.73) < 0.02
     assert abs(counts["active"] / 1e9 - 3.48) < 0.02
-
-
-def test_short_conv_resets_at_document_boundaries():
-    torch.manual_seed(0)
-    x = torch.randn(1, 20, 6)
-    w = torch.randn(6, 4)
-    cu = torch.tensor([0, 7, 8, 20])
-    packed = causal_short_conv(x, w, positions_in_documents(cu, 20))
-    separate = torch.cat([causal_short_conv(x[:, a:b], w) for a, b in [(0, 7), (7, 8), (8, 20)]], 1)
-    torch.testing.assert_close(packed, separate)
-    # and the plain form is torch's causal depthwise conv1d
-    ref = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None], padding=3, groups=6)[..., :20]
-    torch.testing.assert_close(causal_short_conv(x, w), ref.transpose(1, 2))
 
 
 def test_hf_mapping_reports_missing_and_extra_tensors(small_pair):

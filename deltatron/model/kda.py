@@ -47,6 +47,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from deltatron.kernels.kda import kda as kda_op
+from deltatron.kernels.short_conv import short_conv_silu
 from deltatron.parallel.cp_kda import conv_halo, kda_context_parallel
 from deltatron.parallel.cp_slice import CPSlice, cp_slice_of
 
@@ -66,36 +67,11 @@ class KDASubmodules:
     linear_proj: Union[ModuleSpec, type] = IdentityOp  # row-parallel H*dv -> d
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (the form Kimi's kernels use)."""
-    x = x.float()
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
-
 def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[total] position of each token inside its document, for packed sequences."""
     idx = torch.arange(total, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)
     return idx - cu_seqlens.to(idx.dtype)[doc]
-
-
-def causal_short_conv(
-    x: torch.Tensor, weight: torch.Tensor, doc_pos: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Depthwise causal convolution with document resets.
-
-    x: [B, T, C]; weight: [C, W] (tap W-1 multiplies the current token, like torch's conv1d with
-    left padding W-1); doc_pos: [T] position inside the document (packed sequences) or None.
-    A tap reaching before the start of a document contributes zero, so documents never mix.
-    """
-    width = weight.shape[-1]
-    out = x * weight[:, width - 1]
-    for shift in range(1, width):
-        shifted = F.pad(x[:, :-shift], (0, 0, shift, 0)) if shift < x.shape[1] else torch.zeros_like(x)
-        if doc_pos is not None:
-            shifted = shifted * (doc_pos >= shift).to(x.dtype)[None, :, None]
-        out = out + shifted * weight[:, width - 1 - shift]
-    return out
 
 
 class KimiDeltaAttention(MegatronModule):
@@ -220,19 +196,15 @@ class KimiDeltaAttention(MegatronModule):
         q = proj(self.linear_q, x)
         k = proj(self.linear_k, x)
         v = proj(self.linear_v, x)
+        # SiLU(short conv), q and k L2-normalised per head in fp32 and handed on in the
+        # activations' dtype (as fla's l2norm): with fp32 q, k next to a bf16 v the Triton kernel
+        # would see mixed inputs and run 3xTF32 products (triton_common.dot_precision).
         if cp is not None:
             q, k, v = self._convolve_with_halo(q, k, v, doc_pos, cp)
         else:
-            q = F.silu(causal_short_conv(q, self.q_conv, doc_pos))
-            k = F.silu(causal_short_conv(k, self.k_conv, doc_pos))
-            v = F.silu(causal_short_conv(v, self.v_conv, doc_pos))
+            q, k, v = self._convolve(q, k, v, doc_pos)
         heads = (batch, seq_len, self.local_heads, -1)
-        # Back to the activations' dtype after the fp32 normalisation (as fla's l2norm): with
-        # fp32 q, k next to a bf16 v the Triton kernel sees mixed inputs and runs 3xTF32
-        # products instead of TF32 (triton_common.dot_precision), and reads twice the bytes.
-        q = l2_normalize(q.view(heads)).to(x.dtype)
-        k = l2_normalize(k.view(heads)).to(x.dtype)
-        v = v.view(heads)
+        q, k, v = q.view(heads), k.view(heads), v.view(heads)
 
         f, _ = self.linear_f_a(x)
         gate_in = proj(self.linear_f_b, f).float() + self.dt_bias
@@ -264,19 +236,23 @@ class KimiDeltaAttention(MegatronModule):
         o = o.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()  # [S, B, H*dv]
         return self.linear_proj(o)
 
+    def _convolve(self, q, k, v, doc_pos):
+        """SiLU(short conv) of q, k, v [B, T, C] (fused kernels on CUDA), q and k L2-normalised
+        per head; doc_pos [T] or None."""
+        norm = (self.head_k_dim, self.head_k_dim, 0)
+        weights = (self.q_conv, self.k_conv, self.v_conv)
+        return tuple(short_conv_silu(t, w, doc_pos, n) for t, w, n in zip((q, k, v), weights, norm))
+
     def _convolve_with_halo(self, q, k, v, doc_pos: torch.Tensor, cp: CPSlice):
-        """The three short convolutions of a CP slice, with the previous rank's last W - 1 rows
-        as history (one exchange for q, k and v). q, k, v: [1, L, C] -> SiLU(conv) [1, L, C]."""
+        """`_convolve` on a CP slice, with the previous rank's last W - 1 rows as history (one
+        exchange for q, k and v). q, k, v: [1, L, C] -> [1, L, C]."""
         rows = self.conv_width - 1
         widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
         qkv = torch.cat([q, k, v], dim=-1)
         extended = torch.cat([conv_halo(qkv, rows, cp), qkv], dim=1)  # [1, rows + L, C]
         pos = torch.cat([doc_pos.new_zeros(rows), doc_pos])  # the halo rows' own outputs are dropped
         parts = torch.split(extended, widths, dim=-1)
-        weights = (self.q_conv, self.k_conv, self.v_conv)
-        return tuple(
-            F.silu(causal_short_conv(part, w, pos)[:, rows:]) for part, w in zip(parts, weights)
-        )
+        return tuple(out[:, rows:] for out in self._convolve(*parts, pos))
 
     def _kernel_backend(self) -> str:
         if self.backend != "auto":
