@@ -14,7 +14,9 @@ The low-rank down-projections f_a and g_a (d -> dk) are small and replicated in 
 the output projection reduce-scatters, as in megatron-core's attention.
 
 The recurrence itself sits behind `deltatron.kernels.kda.kda` (pure PyTorch chunkwise on CPU, the
-Triton kernels when they exist); this module only prepares its inputs.
+Triton kernels on CUDA); the short convolutions with their L2 norm (deltatron.kernels.short_conv)
+and the decay gate and output norm (deltatron.kernels.kda_gating) are fused Triton kernels on CUDA
+and their eager references elsewhere. This module wires them between its projections.
 
 Under context parallelism (packed_seq_params carrying a CP slice, deltatron/parallel/cp_slice.py)
 the module sees its rank's contiguous slice of the sequence: the short convolutions take the
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
@@ -47,6 +48,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from deltatron.kernels.kda import kda as kda_op
+from deltatron.kernels.kda_gating import gated_rms_norm, kda_decay_gate
 from deltatron.kernels.short_conv import short_conv_silu
 from deltatron.parallel.cp_kda import conv_halo, kda_context_parallel
 from deltatron.parallel.cp_slice import CPSlice, cp_slice_of
@@ -207,8 +209,7 @@ class KimiDeltaAttention(MegatronModule):
         q, k, v = q.view(heads), k.view(heads), v.view(heads)
 
         f, _ = self.linear_f_a(x)
-        gate_in = proj(self.linear_f_b, f).float() + self.dt_bias
-        g = -self.A_log.exp()[:, None] * F.softplus(gate_in.view(heads))
+        g = kda_decay_gate(proj(self.linear_f_b, f), self.A_log, self.dt_bias)  # [B, S, H, dk] fp32
         beta = torch.sigmoid(proj(self.linear_beta, x).float())
 
         if cp is not None:
@@ -222,8 +223,6 @@ class KimiDeltaAttention(MegatronModule):
             )
 
         go, _ = self.linear_g_a(x)
-        out_gate = proj(self.linear_g_b, go).view(heads)
-        o = o.float()
         # Each TP rank only sees its own heads, so the shared weight's gradient is summed over
         # TP ranks (identity forward, all-reduce backward).
         norm_weight = (
@@ -231,9 +230,8 @@ class KimiDeltaAttention(MegatronModule):
             if self.tp_group.size() > 1
             else self.o_norm_weight
         )
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * norm_weight
-        o = (o * torch.sigmoid(out_gate.float())).to(x.dtype)
-        o = o.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()  # [S, B, H*dv]
+        # RMSNorm per head times sigmoid(output gate), laid out [S, B, H*dv] for the projection
+        o = gated_rms_norm(o, proj(self.linear_g_b, go), norm_weight, self.eps)
         return self.linear_proj(o)
 
     def _convolve(self, q, k, v, doc_pos):
