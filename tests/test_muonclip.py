@@ -15,6 +15,7 @@ import parity
 from distributed import run_distributed
 from test_parallel_parity import LOSS_RTOL, PARAM_ATOL, _check, _params
 
+from deltatron.parallel.muon_sharding import Grid
 from deltatron.train.config import OptimConfig
 from deltatron.train.muon_params import FusedLayout, classify
 from deltatron.train.newton_schulz import NS_COEFFICIENTS, muon_update_scale, newton_schulz
@@ -236,6 +237,217 @@ def test_bad_optimizer_config_names_the_field():
         OptimConfig(name="muon")
     with pytest.raises(ValueError, match="optim.qk_clip_tau=-1.0 must be > 0"):
         OptimConfig(name="muonclip", qk_clip_tau=-1.0)
+
+
+# ---------------------------------------------------------------------------- broadcast overlap
+
+
+def test_split_waves_cuts_each_owners_params_into_balanced_runs_in_plan_order():
+    from deltatron.parallel.muon_sharding import split_waves
+
+    g = torch.Generator().manual_seed(0)
+    costs = [(f"p{i}", float(c)) for i, c in enumerate(torch.randint(1, 100, (120,), generator=g).tolist())]
+    owner = {k: int(d) for (k, _), d in zip(costs, torch.randint(0, 3, (120,), generator=g))}
+    wave = split_waves(costs, owner, 4)
+    assert set(wave) == {k for k, _ in costs}  # every parameter, once (keys of a dict)
+    for d in range(3):
+        mine = [(k, c) for k, c in costs if owner[k] == d]
+        waves = [wave[k] for k, _ in mine]
+        assert waves == sorted(waves) and set(waves) == {0, 1, 2, 3}, waves  # plan order, all used
+        total, biggest = sum(c for _, c in mine), max(c for _, c in mine)
+        for w in range(4):
+            assert abs(sum(c for k, c in mine if wave[k] == w) - total / 4) <= biggest
+    assert split_waves(list(reversed(costs)), owner, 4) != wave  # the order is what is cut
+    assert set(split_waves(costs, owner, 1).values()) == {0}
+
+
+class _FakeGroup:
+    """A process group's size and rank, for building a rank's optimizer without collectives."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def _tp_layer_params(tp: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """Three layers' parameters as a rank of TP size tp holds them (local shards, zeros)."""
+    full = {  # name -> (full shape, partition dim or None)
+        "embedding.word_embeddings.weight": ((64, HIDDEN), 0),
+    }
+    for i in range(3):
+        layer = f"decoder.layers.{i}"
+        full |= {
+            f"{layer}.self_attention.linear_q_proj.weight": ((4 * HEADS * NOPE, HIDDEN), 0),
+            f"{layer}.self_attention.linear_kv_up_proj.weight": ((2 * HEADS * (NOPE + VDIM), LATENT), 0),
+            f"{layer}.self_attention.linear_proj.weight": ((HIDDEN, 4 * HEADS * VDIM), 1),
+            f"{layer}.input_layernorm.weight": ((HIDDEN,), None),
+            f"{layer}.mlp.linear_fc1.weight": ((4 * GLU_FFN, HIDDEN), 0),
+            f"{layer}.mlp.linear_fc2.weight": ((HIDDEN, 2 * GLU_FFN), 1),
+        }
+    out = []
+    for name, (shape, dim) in full.items():
+        local = list(shape)
+        if dim is not None:
+            local[dim] //= tp
+        p = torch.nn.Parameter(torch.zeros(local))
+        if dim is not None:
+            p.tensor_model_parallel, p.partition_dim = True, dim
+        if name.startswith("embedding"):
+            p.is_embedding_or_output_parameter = True
+        out.append((name, p))
+    return out
+
+
+def test_waves_are_the_same_on_every_rank_of_a_grid():
+    """Four simulated ranks of a DP2 x TP2 grid build their optimizers from their own shards: they
+    agree on every parameter's owner and wave and list the same stages (what each broadcast
+    carries), each parameter in exactly one stage, in plan order."""
+    from deltatron.train.muonclip import NS_WAVES, MuonClipOptimizer, NormGroups
+
+    cfg = OptimConfig(name="muonclip", qk_clip_tau=None)
+    opts = {}
+    for d in range(2):
+        for t in range(2):
+            grid = Grid(dp_group=_FakeGroup(2, d), tp_group=_FakeGroup(2, t))
+            opts[d, t] = MuonClipOptimizer(
+                _tp_layer_params(2), cfg, LAYOUT, dense=grid, expert=grid, norm_groups=NormGroups(None, None, None, None)
+            )
+    plan = {r: [(e.key, e.owner_dp, e.wave) for e in o.entries] for r, o in opts.items()}
+    stages = {r: [(s.muon, [e.key for e in s.entries]) for s in o._stages] for r, o in opts.items()}
+    assert all(p == plan[0, 0] for p in plan.values())
+    assert all(s == stages[0, 0] for s in stages.values())
+
+    keys = [k for k, _, _ in plan[0, 0]]
+    listed = [k for _, ks in stages[0, 0] for k in ks]
+    assert sorted(listed) == sorted(keys) and len(set(listed)) == len(listed)
+    assert all(ks == sorted(ks, key=keys.index) for _, ks in stages[0, 0])
+    assert [muon for muon, _ in stages[0, 0]] == [False] + [True] * NS_WAVES  # AdamW first
+    for d in range(2):
+        waves = [w for _, owner, w in plan[0, 0] if owner == d and w >= 0]
+        assert waves == sorted(waves) and set(waves) == set(range(NS_WAVES)), waves
+    owned = [{e.key for e in opts[d, 0].entries if e.owned} for d in range(2)]
+    assert owned[0] and owned[1] and owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(keys)
+
+
+class _FixedClip:
+    """Stands in for QKClip: the same clip factors on every step."""
+
+    def __init__(self, clips):
+        self.clips = clips
+
+    def factors(self):
+        return self.clips
+
+
+def _staged_run(monkeypatch, waves: int, clip: bool, steps: int, bf16: bool):
+    """A toy (the _Toy parameters and four same-shape fc2 matrices that Newton-Schulz batches
+    together) after `steps` steps with NS_WAVES = waves; returns the optimizer and the masters."""
+    from deltatron.train import muonclip
+    from deltatron.train.qk_clip import LayerClip
+
+    monkeypatch.setattr(muonclip, "NS_WAVES", waves)
+    toy = _Toy()
+    g = torch.Generator().manual_seed(9)
+    extra = [
+        (f"decoder.layers.{i}.mlp.linear_fc2.weight", torch.nn.Parameter(0.1 * torch.randn(HIDDEN, 64, generator=g)))
+        for i in range(4, 8)
+    ]
+    named = toy.named() + extra
+    params = [p for _, p in named]
+    for p in params:
+        if bf16:
+            p.data = p.data.bfloat16()
+    cfg = OptimConfig(name="muonclip", lr=0.02, min_lr=0.0, weight_decay=0.1, clip_grad=1.0, qk_clip_tau=None)
+    opt = _optimizer(named, cfg)
+    if clip:  # toy weights 0 (linear_q, [24, HIDDEN]) and 3 (linear_kv_up_proj, [14, LATENT])
+        q, kv = params[0], params[3]
+        rows = LayerClip(4, q, kv, torch.ones(HEADS), torch.ones(HEADS), torch.linspace(0.5, 1.0, 24),
+                         torch.linspace(0.7, 1.0, 14))
+        opt.qk_clip = _FixedClip([rows])
+    for step in range(steps):
+        for p, grad in zip(params, _grads(step, params)):
+            if bf16:
+                p.main_grad = grad
+            else:
+                p.grad = grad
+        opt.step()
+    for e in opt.entries:
+        assert torch.equal(e.param.detach(), e.master.to(e.param.dtype))
+    return opt, [e.master.clone() for e in opt.entries]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_waves_change_no_bit_of_the_step(bf16, monkeypatch, process_groups):
+    """Stages (AdamW, then Muon in waves) against all Muon parameters in one wave: the same bits,
+    QK-clip included; and the clipped weights are the unclipped step's, scaled once after it."""
+    from deltatron.train.muonclip import NS_WAVES
+
+    staged, masters = _staged_run(monkeypatch, NS_WAVES, True, 3, bf16)
+    assert [len(s.entries) for s in staged._stages if s.muon] == [4, 2, 2]  # the fc2 batch is split
+    _, one_wave = _staged_run(monkeypatch, 1, True, 3, bf16)
+    for e, a, b in zip(staged.entries, masters, one_wave):
+        assert torch.equal(a, b), e.key
+
+    _, clipped = _staged_run(monkeypatch, NS_WAVES, True, 1, bf16)
+    _, plain = _staged_run(monkeypatch, NS_WAVES, False, 1, bf16)
+    factors = {0: torch.linspace(0.5, 1.0, 24), 3: torch.linspace(0.7, 1.0, 14)}
+    for i, (a, b) in enumerate(zip(clipped, plain)):
+        assert torch.equal(a, b * factors[i][:, None] if i in factors else b), i
+
+
+def _broadcast_job(rank: int, world_size: int) -> tuple[bool, list[list[list[float]]]]:
+    """Two broadcasts in flight at once on DP2; whether the received tensors still held their old
+    values before wait(), and every tensor's values after."""
+    from deltatron.parallel.muon_sharding import dense_grid, dp_broadcast
+    from deltatron.parallel.setup import init_process_groups
+
+    init_process_groups()
+    grid = dense_grid()
+    assert (grid.dp_size, grid.dp_rank) == (2, rank)
+    calls = []
+    for layout in BROADCASTS:
+        calls.append([
+            [_sent(d, i, shape, dtype) if d == rank else torch.full(shape, -1.0, dtype=dtype)
+             for i, (shape, dtype) in enumerate(tensors)]
+            for d, tensors in enumerate(layout)
+        ])
+    pending = [dp_broadcast(grid, by_owner) for by_owner in calls]
+    untouched = all(
+        (t == -1).all() for by_owner in calls for d, ts in enumerate(by_owner) if d != rank for t in ts
+    )
+    for p in pending:
+        p.wait()
+    pending[0].wait()  # a second wait does nothing
+    return bool(untouched), [[t.float().flatten().tolist() for ts in by_owner for t in ts] for by_owner in calls]
+
+
+# Per broadcast, per owner replica: (shape, dtype) of its tensors. The first mixes dtypes (one
+# broadcast each; a lone bf16 tensor is sent from its own storage), the second has an idle owner.
+BROADCASTS = [
+    [[((3, 4), torch.float32), ((5,), torch.bfloat16), ((2,), torch.float32)], [((7,), torch.float32)]],
+    [[], [((2, 3), torch.bfloat16), ((4,), torch.bfloat16)]],
+]
+
+
+def _sent(owner: int, i: int, shape, dtype) -> torch.Tensor:
+    return (torch.arange(math.prod(shape), dtype=torch.float32).view(shape) + 100 * owner + 10 * i).to(dtype)
+
+
+def test_dp_broadcast_delivers_each_owners_values_at_wait():
+    results = run_distributed(_broadcast_job, 2, timeout=300)
+    expected = [
+        [_sent(d, i, shape, dtype).float().flatten().tolist() for d, ts in enumerate(layout)
+         for i, (shape, dtype) in enumerate(ts)]
+        for layout in BROADCASTS
+    ]
+    for rank, (untouched, values) in enumerate(results):
+        assert untouched, rank
+        assert values == expected, rank
 
 
 # ---------------------------------------------------------------------------- distributed equality

@@ -15,6 +15,14 @@ parallel ranks of one expert-parallel rank. Inside its grid every parameter gets
 Assignment is greedy, largest first, onto the least loaded replica (by estimated update cost)
 and then the least loaded TP rank of that replica (by Newton-Schulz cost), computed identically
 on every rank of the grid from the same ordered parameter list.
+
+The broadcast overlaps the optimizer's compute: the plan also splits every replica's Muon
+parameters into a few waves (`split_waves`, contiguous runs in plan order of about equal
+Newton-Schulz cost), so the optimizer broadcasts wave w while Newton-Schulz runs on wave w + 1.
+`dp_broadcast` therefore only issues its collectives (asynchronously) and returns a
+`PendingBroadcast`; its `wait()` completes them and writes the received values. Receivers must
+list the same tensors in the same order as the owner, so every rank of the grid computes the wave
+of every parameter, not only of its own, and issues the collectives in the same order.
 """
 
 from __future__ import annotations
@@ -85,10 +93,12 @@ class Plan:
     block_owner: dict[str, int]  # block key -> owner TP index (inside the param's owner replica)
     dp_load: list[float]
     tp_load: list[list[float]]  # [dp][tp]
+    wave: dict[str, int]  # key of a param with blocks (Muon) -> its wave (`split_waves`)
 
 
-def plan_owners(items: list[WorkItem], dp_size: int, tp_size: int) -> Plan:
-    """Greedy balanced placement; deterministic for a given item list (ties: lowest index)."""
+def plan_owners(items: list[WorkItem], dp_size: int, tp_size: int, num_waves: int = 1) -> Plan:
+    """Greedy balanced placement; deterministic for a given item list (ties: lowest index).
+    items: in plan order (the same on every rank of the grid), which `split_waves` keeps."""
     dp_load = [0.0] * dp_size
     tp_load = [[0.0] * tp_size for _ in range(dp_size)]
     param_owner, block_owner = {}, {}
@@ -100,7 +110,32 @@ def plan_owners(items: list[WorkItem], dp_size: int, tp_size: int) -> Plan:
             t = min(range(tp_size), key=lambda r: (tp_load[d][r], r))
             tp_load[d][t] += cost
             block_owner[block_key] = t
-    return Plan(param_owner, block_owner, dp_load, tp_load)
+    muon = [(i.key, sum(c for _, c in i.blocks)) for i in items if i.blocks]
+    return Plan(param_owner, block_owner, dp_load, tp_load, split_waves(muon, param_owner, num_waves))
+
+
+def split_waves(costs: list[tuple[str, float]], owner: dict[str, int], num_waves: int) -> dict[str, int]:
+    """Wave (0 .. num_waves - 1) of every parameter: each owner's parameters, in the given (plan)
+    order, cut into contiguous runs of about equal cumulative cost.
+
+    costs: (param key, Newton-Schulz cost) in plan order; owner: param key -> owner DP index. A
+    parameter goes to the wave its cost midpoint falls in (of the owner's total), so the waves of
+    one owner are non-decreasing along plan order and each is within one parameter's cost of
+    total / num_waves. Pure arithmetic on the same inputs in the same order: every rank of the
+    grid gets the same split (receivers list each wave's tensors as their owner does).
+    """
+    total: dict[int, float] = {}
+    for key, cost in costs:
+        total[owner[key]] = total.get(owner[key], 0.0) + cost
+    done: dict[int, float] = {}
+    wave = {}
+    for key, cost in costs:
+        d = owner[key]
+        before = done.get(d, 0.0)
+        done[d] = before + cost
+        w = int(num_waves * (before + 0.5 * cost) / total[d]) if total[d] > 0 else 0
+        wave[key] = min(w, num_waves - 1)
+    return wave
 
 
 def newton_schulz_cost(rows: int, cols: int, steps: int) -> float:
@@ -165,14 +200,37 @@ def tp_scatter(
     return out
 
 
-def dp_broadcast(grid: Grid, tensors_by_owner: list[list[torch.Tensor]]) -> None:
-    """Every replica d sends its tensors_by_owner[d] to the other replicas (in place).
+@dataclass
+class PendingBroadcast:
+    """`dp_broadcast`'s collectives in flight. Until `wait()` the receivers' tensors keep their old
+    values (the data lands in separate buffers), so compute may go on beside the transfer."""
+
+    works: list[dist.Work]
+    receives: list[tuple[torch.Tensor, list[torch.Tensor]]]  # (flat buffer, tensors it fills)
+    sends: list[torch.Tensor]  # what this rank sends (flattened), kept alive until the transfer is done
+
+    def wait(self) -> None:
+        """Complete the broadcasts (on GPU: the current stream waits for them, the host does not)
+        and copy what this rank received into its tensors. A second call does nothing."""
+        for work in self.works:
+            work.wait()
+        for flat, tensors in self.receives:
+            torch._foreach_copy_([t.data for t in tensors], list(_unflatten_dense_tensors(flat, tensors)))
+        self.works, self.receives, self.sends = [], [], []
+
+
+def dp_broadcast(grid: Grid, tensors_by_owner: list[list[torch.Tensor]]) -> PendingBroadcast:
+    """Every replica d sends its tensors_by_owner[d] to the other replicas; returns at once.
 
     tensors_by_owner[d]: this rank's local tensors owned by replica d, in plan order, the same on
-    every rank of the DP group. One broadcast per owner and dtype.
+    every rank of the DP group (shapes and dtypes included). One asynchronous broadcast per owner
+    and dtype, issued in the same order on every rank. Call `wait()` on the result to finish:
+    receivers get the new values then (blocking use: `dp_broadcast(...).wait()`). Until then the
+    senders must not change their tensors (a lone tensor is sent from its own storage, not a copy).
     """
+    pending = PendingBroadcast([], [], [])
     if grid.dp_size == 1:
-        return
+        return pending
     for d, tensors in enumerate(tensors_by_owner):
         src = dist.get_global_rank(grid.dp_group, d)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -182,9 +240,9 @@ def dp_broadcast(grid: Grid, tensors_by_owner: list[list[torch.Tensor]]) -> None
             group = by_dtype[dtype]
             if d == grid.dp_rank:
                 flat = _flatten_dense_tensors([t.data for t in group])
+                pending.sends.append(flat)
             else:  # receives: its old values would only be overwritten
                 flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=group[0].device)
-            dist.broadcast(flat, src=src, group=grid.dp_group)
-            if d != grid.dp_rank:
-                for t, new in zip(group, _unflatten_dense_tensors(flat, group)):
-                    t.data.copy_(new)
+                pending.receives.append((flat, group))
+            pending.works.append(dist.broadcast(flat, src=src, group=grid.dp_group, async_op=True))
+    return pending

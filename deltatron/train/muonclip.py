@@ -20,6 +20,22 @@ Newton-Schulz precision, `optim.muon_ns_dtype`), and
 the slices are scattered back; expert matrices do this inside their expert-data x expert-tensor
 grid. The owning replica then broadcasts the new parameters over its DP group.
 
+Order of a step, so that the broadcasts run behind the Newton-Schulz compute rather than after
+it (each stage's broadcast is asynchronous, `muon_sharding.dp_broadcast`):
+
+1. clip gradients; QK-clip factors (they depend on the forward's max logits only);
+2. AdamW: update the owned parameters, write them into the model, launch their broadcast;
+3. Muon in `NS_WAVES` waves (every replica's Muon parameters cut in plan order into runs of about
+   equal Newton-Schulz cost, `muon_sharding.split_waves`), per wave: momentum, Newton-Schulz
+   (with its TP gather/scatter), update, QK-clip scaling of the wave's MLA weights, write into the
+   model, launch the wave's broadcast, then finish the previous stage's broadcast (its transfer
+   had this wave's compute to hide behind; at most two stages' buffers are alive);
+4. finish the last broadcast.
+
+Every parameter's arithmetic is the same as when the stages ran one after another: the stages only
+reorder independent per-tensor work (checked bit for bit on CPU, where Newton-Schulz of a batch
+equals that of each matrix; on GPU a smaller batch could select another matmul kernel).
+
 The step has megatron-core's optimizer contract: `step() -> (update_successful, grad_norm,
 num_zeros_in_grad)`, gradients clipped to `clip_grad` by their global norm first.
 """
@@ -35,13 +51,19 @@ import torch
 import torch.distributed as dist
 
 from deltatron.parallel.muon_sharding import (
-    Grid, WorkItem, dense_grid, dp_broadcast, expert_grid, newton_schulz_cost, plan_owners,
-    tp_gather, tp_scatter,
+    Grid, PendingBroadcast, WorkItem, dense_grid, dp_broadcast, expert_grid, newton_schulz_cost,
+    plan_owners, tp_gather, tp_scatter,
 )
 from deltatron.train.config import OptimConfig
 from deltatron.train.muon_params import Block, FusedLayout, ParamSpec, classify, summarize
 from deltatron.train.newton_schulz import muon_update_scale, newton_schulz
 from deltatron.train.qk_clip import LayerClip, QKClip, mla_attentions
+
+# Waves the Muon parameters of each replica are cut into. Wave w's broadcast runs during wave
+# w + 1's Newton-Schulz, so only the last wave's broadcast (~1/NS_WAVES of the Muon parameters)
+# stays exposed; more waves hide more but run Newton-Schulz in smaller batches and issue more
+# collectives. 3: on 2 H200s (DP2) Newton-Schulz of the experts takes ~25 ms, their broadcast ~10 ms.
+NS_WAVES = 3
 
 
 @dataclass
@@ -64,6 +86,7 @@ class _Entry:
     grid: Grid
     group: dict
     owner_dp: int = 0
+    wave: int = -1  # Muon: its wave (`NS_WAVES`), the same on every rank of the grid; AdamW: -1
     blocks: list[_MuonBlock] = field(default_factory=list)
     master: Optional[torch.Tensor] = None  # fp32; the parameter's own storage when it is fp32
     separate_master: bool = False  # bf16 parameter: the master is copied into it after updates
@@ -78,6 +101,20 @@ class _Entry:
         if g is None:
             g = self.param.grad
         return torch.zeros_like(self.param, dtype=torch.float32) if g is None else g
+
+
+@dataclass
+class _Stage:
+    """Parameters of one grid updated and then broadcast together: the AdamW ones, or one wave of
+    Muon ones. entries: every replica's, in plan order (receivers list what the owners send)."""
+
+    grid: Grid
+    muon: bool
+    entries: list[_Entry]
+
+    def params_by_owner(self) -> list[list[torch.nn.Parameter]]:
+        """`dp_broadcast`'s argument: [owner DP index] -> the parameters it sends, in plan order."""
+        return [[e.param for e in self.entries if e.owner_dp == d] for d in range(self.grid.dp_size)]
 
 
 @dataclass(frozen=True)
@@ -134,6 +171,7 @@ class MuonClipOptimizer:
         self._plan(dense, ns_steps=cfg.muon_ns_steps)
         if expert is not dense:
             self._plan(expert, ns_steps=cfg.muon_ns_steps)
+        self._stages = self._make_stages()
         self._by_param = {id(e.param): e for e in self.entries}
         for e in self.entries:
             if e.owned:
@@ -158,11 +196,28 @@ class MuonClipOptimizer:
             e.blocks = [
                 _MuonBlock(k, b, shape, 0, e.spec.tp_sharded, e.spec.partition_dim) for k, b, shape in blocks
             ]
-        plan = plan_owners(items, grid.dp_size, grid.tp_size)
+        plan = plan_owners(items, grid.dp_size, grid.tp_size, num_waves=NS_WAVES)
         for e in entries:
             e.owner_dp = plan.param_owner[e.key]
+            e.wave = plan.wave.get(e.key, -1)
             for b in e.blocks:
                 b.owner_tp = plan.block_owner[b.key]
+
+    def _make_stages(self) -> list[_Stage]:
+        """The step's stages in the order every rank runs them (their collectives in that order):
+        each grid's AdamW parameters, then each grid's Muon waves; empty stages left out. Grids in
+        order of first appearance in the parameter list."""
+        grids: list[Grid] = []
+        for e in self.entries:
+            if all(e.grid is not g for g in grids):
+                grids.append(e.grid)
+        adamw = [e for e in self.entries if e.spec.optimizer == "adamw"]
+        muon = [e for e in self.entries if e.spec.optimizer == "muon"]
+        stages = [_Stage(g, False, [e for e in adamw if e.grid is g]) for g in grids]
+        stages += [
+            _Stage(g, True, [e for e in muon if e.grid is g and e.wave == w]) for g in grids for w in range(NS_WAVES)
+        ]
+        return [s for s in stages if s.entries]
 
     def _init_state(self, e: _Entry) -> None:
         p = e.param
@@ -195,29 +250,41 @@ class MuonClipOptimizer:
     def step(self) -> tuple[bool, float, None]:
         grad_norm = self._clip_gradients()
         self.steps += 1
-        updates: dict[str, torch.Tensor] = {}
-        grids = []
-        for e in self.entries:
-            if all(e.grid is not g for g in grids):
-                grids.append(e.grid)
-        for grid in grids:
-            updates.update(self._orthogonalised_updates(grid))
-        owned = [e for e in self.entries if e.owned]
-        self._apply_muon([e for e in owned if e.spec.optimizer == "muon"], updates)
-        self._apply_adamw([e for e in owned if e.spec.optimizer == "adamw"])
-        self._qk_clips = self._apply_qk_clip() if self.qk_clip is not None else []
-        separate = [e for e in owned if e.separate_master]
-        if separate:
-            torch._foreach_copy_([e.param.data for e in separate], [e.master for e in separate])
-        for grid in grids:
-            by_owner = [[] for _ in range(grid.dp_size)]
-            for e in self.entries:
-                if e.grid is grid:
-                    by_owner[e.owner_dp].append(e.param)
-            dp_broadcast(grid, by_owner)
+        # The factors depend only on the forward's max logits, so they are known before any update
+        # and each MLA weight is scaled right after its own update, before its broadcast.
+        self._qk_clips = self.qk_clip.factors() if self.qk_clip is not None else []
+        qk_rows = self._qk_row_factors(self._qk_clips)
+        in_flight: Optional[PendingBroadcast] = None
+        for stage in self._stages:  # AdamW, then the Muon waves (module docstring)
+            self._update_stage(stage, qk_rows)
+            launched = dp_broadcast(stage.grid, stage.params_by_owner())
+            # The previous stage's transfer had this stage's compute to hide behind; finishing it
+            # now keeps at most two stages' flat buffers alive rather than a copy of every parameter.
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = launched
+        if in_flight is not None:
+            in_flight.wait()
         return True, grad_norm, None
 
     # ------------------------------------------------------------------ pieces of the step
+    def _update_stage(self, stage: _Stage, qk_rows: dict[int, list[torch.Tensor]]) -> None:
+        """Update this replica's parameters of the stage and write them into the model (bf16
+        parameters: from their fp32 masters). qk_rows (`_qk_row_factors`): the stage takes the
+        factors of its weights out, so each weight is scaled once, after its own update."""
+        owned = [e for e in stage.entries if e.owned]
+        if stage.muon:
+            self._apply_muon(owned, self._orthogonalised_updates(stage.grid, owned))
+        else:
+            self._apply_adamw(owned)
+        for e in stage.entries:
+            for rows in qk_rows.pop(id(e.param), []):
+                if e.owned:
+                    e.master.mul_(rows[:, None].to(e.master.dtype))
+        separate = [e for e in owned if e.separate_master]
+        if separate:
+            torch._foreach_copy_([e.param.data for e in separate], [e.master for e in separate])
+
     def _clip_gradients(self) -> float:
         from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
@@ -241,11 +308,11 @@ class MuonClipOptimizer:
                 torch._foreach_mul_([e.grad() for e in self.entries], coeff)
         return norm
 
-    def _orthogonalised_updates(self, grid: Grid) -> dict[str, torch.Tensor]:
-        """Newton-Schulz results (NS dtype, this rank's slice) of the Muon matrices of parameters
-        owned by this replica, keyed by block. Collective over the grid's TP group."""
+    def _orthogonalised_updates(self, grid: Grid, owned: list[_Entry]) -> dict[str, torch.Tensor]:
+        """Momentum step and Newton-Schulz results (NS dtype, this rank's slice) of the Muon
+        matrices of `owned`, keyed by block. owned: Muon parameters of this grid owned by this
+        replica (the same list on every TP rank of the replica). Collective over the TP group."""
         mu, nesterov = self.cfg.muon_momentum, self.cfg.muon_nesterov
-        owned = [e for e in self.entries if e.grid is grid and e.owned and e.spec.optimizer == "muon"]
         keys, pieces, momenta = [], [], []
         for e in owned:
             g = e.grad()
@@ -417,19 +484,18 @@ class MuonClipOptimizer:
             torch._foreach_add_(denom, cfg.eps)
             torch._foreach_addcdiv_(masters, m, denom, value=-lr / bias1)
 
-    def _apply_qk_clip(self) -> list[LayerClip]:
-        """Scale the owned q/kv masters of every MLA layer by its row factors, on every step. The
-        factors of unclipped heads are exactly 1, so scaling every layer gives the same bits as
-        scaling only clipped ones, without reading "is anything clipped?" back to the host."""
-        clips = self.qk_clip.factors()
+    def _qk_row_factors(self, clips: list[LayerClip]) -> dict[int, list[torch.Tensor]]:
+        """id(weight) -> the row factors its master is scaled by after its update, for the q and
+        kv weights of every MLA layer, on every step. The factors of unclipped heads are exactly
+        1, so scaling every layer gives the same bits as scaling only clipped ones, without
+        reading "is anything clipped?" back to the host."""
+        rows_by_param: dict[int, list[torch.Tensor]] = {}
         for c in clips:
             for weight, rows in ((c.q_weight, c.q_rows), (c.kv_weight, c.kv_rows)):
-                e = self._by_param.get(id(weight))
-                if e is None:
+                if id(weight) not in self._by_param:
                     raise RuntimeError(f"QK-clip: MLA layer {c.layer_number}'s weight is not in the optimizer")
-                if e.owned:
-                    e.master.mul_(rows[:, None].to(e.master.dtype))
-        return clips
+                rows_by_param.setdefault(id(weight), []).append(rows)
+        return rows_by_param
 
     def log_step_metrics(self) -> dict[str, float]:
         """optim/qk_max_logit/layer{N} and optim/qk_clipped_heads/layer{N} of the last step; a
