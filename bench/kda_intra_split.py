@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     scale = D ** -0.5
     C = 64
     times = {"production": triton.testing.do_bench(
-        lambda: intra_chunk_fwd(q, k, v, g, beta, layout, scale, C, "tf32", False), return_mode="median")}
+        lambda: intra_chunk_fwd(q, k, v, g, beta, layout, scale, C, "tf32"), return_mode="median")}
     f32 = dict(dtype=torch.float32, device="cuda")
     bufs = [torch.empty((TT, H, C), **f32), torch.empty((TT, H, D), **f32), torch.empty((TT, H, D), **f32),
             torch.empty((TT, H, D), **f32), torch.empty((TT, H, D), **f32),

@@ -7,15 +7,18 @@ Kernels (T_total = B * T tokens, NC chunks over all sequences, N sequences, NV =
     forward   intra_chunk_fwd  grid (NC, H)      A_qk, A_inv = (I + A_kk)^-1, W, U per chunk
               state_fwd        grid (N, H, NV)   U' = U - W S, O and S_next chunk after chunk;
                                                  the final state
-    backward  intra_chunk_fwd  grid (NC, H)      recomputed, now also keeping A_inv
+    backward  intra_chunk_factors grid (NC, H)   W, U (and the decay factors) recomputed from
+                                                 the A_inv the forward kept
               state_fwd        grid (N, H, NV)   recomputed, keeping h (the state entering every
                                                  chunk) and U' instead of O
               state_bwd        grid (N, H, NV)   reverse pass: dh (gradient of the state leaving
                                                  every chunk), dU', the initial state's gradient
               grad_chunk       grid (NC, H)      dv, dA_qk, dA_kk, elementwise parts of dq, dk, dg
               grad_pairwise    grid (NC, H)      dq, dk, dg, dbeta
-Only the inputs are saved for the backward; everything else is recomputed (one extra intra pass
-and state pass), so the activation memory is the inputs'. The forward never materialises per-chunk
+The forward keeps the inputs and A_qk, A_inv (fp32 [T_total, H, C]: 0.5 KB per token and head at
+C = 64) for the backward, which recomputes the rest (W, U and the decay factors from A_inv, and one
+state pass): the scores and the inverse are most of the intra pass's cost, so running them once
+saves more time than their memory costs. The forward never materialises per-chunk
 states: the output is produced inside the state pass; its temporaries (A_qk, W, U, Qg, Kg, fp32)
 are about 2.3 KB per token and head at K = V = 128, C = 64. The backward also holds h and dh,
 fp32 [NC, H, K, V] each (4 K V / C bytes per token and head: 1 KiB each at K = V = 128, C = 64);
@@ -54,7 +57,7 @@ from torch.autograd.function import once_differentiable
 from deltatron.kernels.kda.checks import check_kda_inputs
 from deltatron.kernels.kda.triton_common import chunk_layout, dot_precision
 from deltatron.kernels.kda.triton_grad import grad_chunk, grad_pairwise
-from deltatron.kernels.kda.triton_intra import _intra_fwd_kernel, intra_chunk_fwd
+from deltatron.kernels.kda.triton_intra import _intra_fwd_kernel, intra_chunk_factors, intra_chunk_fwd
 from deltatron.kernels.kda.triton_state import state_bwd, state_fwd
 
 SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
@@ -86,12 +89,12 @@ class ChunkKDAFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         precision = dot_precision(q.dtype, k.dtype, v.dtype)
         with _on_device(q):
-            ic = intra_chunk_fwd(q, k, v, g, beta, layout, scale, chunk_size, precision, False)
+            ic = intra_chunk_fwd(q, k, v, g, beta, layout, scale, chunk_size, precision)
             o, ht, _, _ = state_fwd(
                 ic, initial_state, layout, precision, v.dtype,
                 output=True, final_state=output_final_state, chunk_states=False,
             )
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, ic.aqk, ic.ainv)
         ctx.layout = layout
         ctx.scale = scale
         ctx.chunk_size = chunk_size
@@ -100,13 +103,13 @@ class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, aqk, ainv = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         precision = dot_precision(q.dtype, k.dtype, v.dtype)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         initial_grad = initial_state is not None and ctx.needs_input_grad[5]
         with _on_device(q):
-            ic = intra_chunk_fwd(q, k, v, g, beta, layout, scale, ctx.chunk_size, precision, True)
+            ic = intra_chunk_factors(q, k, v, g, beta, aqk, ainv, layout, scale, precision)
             _, _, h, vnew = state_fwd(
                 ic, initial_state, layout, precision, v.dtype,
                 output=False, final_state=False, chunk_states=True,

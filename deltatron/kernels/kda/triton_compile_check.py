@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from deltatron.kernels.kda.triton_common import SUB, dot_precision
 from deltatron.kernels.kda.triton_grad import _grad_chunk_kernel, _grad_pairwise_kernel, grad_config
-from deltatron.kernels.kda.triton_intra import _intra_fwd_kernel, intra_config
+from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _intra_fwd_kernel, intra_config
 from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_kernel, state_config
 
 # Largest dynamic shared memory per block (opt-in), bytes.
@@ -47,10 +47,9 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
     grad = grad_config(K, V, C)
     pairwise = {key: val for key, val in grad_config(K, K, C).items() if key != "BV"}
     return [
-        ("intra (forward)", _intra_fwd_kernel,
-         dict(shapes, BC=SUB, STORE_AINV=False, **intra_config(K, V, C))),
-        ("intra (backward)", _intra_fwd_kernel,
-         dict(shapes, BC=SUB, STORE_AINV=True, **intra_config(K, V, C))),
+        ("intra (forward)", _intra_fwd_kernel, dict(shapes, BC=SUB, **intra_config(K, V, C))),
+        ("intra factors (backward)", _intra_factors_kernel,
+         dict(shapes, BC=SUB, **intra_config(K, V, C))),
         ("state forward, output", _state_fwd_kernel,
          dict(shapes, HAS_H0=True, STORE_FINAL=True, STORE_O=True, STORE_H=False,
               **state_config(K, V))),

@@ -12,8 +12,6 @@ of g after token i), gC = exp(G_C) (the chunk total). Layouts in triton_common.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -131,30 +129,14 @@ def unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
-def _intra_fwd_kernel(
-    q, k, v, g, beta, aqk, w, u, qg, kg, gc, ainv, chunks, scale, H,
+def intra_factors(
+    q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, H). Writes A_qk (and A_inv if STORE_AINV) [T_total, H, C], W, Qg, Kg
-    [T_total, H, K], U [T_total, H, V] and gC [NC, H, K]."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
+    """W, U and the decay factors the state passes need (so that their sequential loops do no
+    scans) of chunk i_c, head i_h, from its A_inv [C, C] and beta [C] (fp32)."""
     rows = tl.arange(0, C)
-    cc = tl.arange(0, C)
-
-    kk, qk = intra_scores(
-        q + i_h * K, k + i_h * K, g + i_h * K, t0, n, H * K, scale, K, C, BC, BK, PREC
-    )
-    store_rows(aqk + i_h * C, qk, t0, rows, n, H * C, cc, C)
-    bt = load_vector(beta + i_h, t0, rows, n, H)
-    a_inv = unit_lower_inverse(kk * bt[:, None], C, BC, PREC)
-    if STORE_AINV:
-        store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
-
-    # The decay factors the state passes need, so that their sequential loops do no scans.
     for ik in range(tl.cdiv(K, BK)):
         cols = ik * BK + tl.arange(0, BK)
         kt = load_rows(k + i_h * K, t0, rows, n, H * K, cols, K)
@@ -172,6 +154,51 @@ def _intra_fwd_kernel(
         cols = iv * BV + tl.arange(0, BV)
         x = load_rows(v + i_h * V, t0, rows, n, H * V, cols, V) * bt[:, None]
         store_rows(u + i_h * V, tl.dot(a_inv, x, input_precision=PREC), t0, rows, n, H * V, cols, V)
+
+
+@triton.jit
+def _intra_fwd_kernel(
+    q, k, v, g, beta, aqk, w, u, qg, kg, gc, ainv, chunks, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (chunks, H). Writes A_qk and A_inv [T_total, H, C], W, Qg, Kg [T_total, H, K],
+    U [T_total, H, V] and gC [NC, H, K]."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    rows = tl.arange(0, C)
+    cc = tl.arange(0, C)
+
+    kk, qk = intra_scores(
+        q + i_h * K, k + i_h * K, g + i_h * K, t0, n, H * K, scale, K, C, BC, BK, PREC
+    )
+    store_rows(aqk + i_h * C, qk, t0, rows, n, H * C, cc, C)
+    bt = load_vector(beta + i_h, t0, rows, n, H)
+    a_inv = unit_lower_inverse(kk * bt[:, None], C, BC, PREC)
+    store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
+    intra_factors(q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
+                  K, V, C, BC, BK, BV, PREC)
+
+
+@triton.jit
+def _intra_factors_kernel(
+    q, k, v, g, beta, ainv, w, u, qg, kg, gc, chunks, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (chunks, H). The backward's recomputation: W, U, Qg, Kg and gC from the A_inv the
+    forward kept (no scores, no inverse)."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    rows = tl.arange(0, C)
+    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, tl.arange(0, C), C)
+    bt = load_vector(beta + i_h, t0, rows, n, H)
+    intra_factors(q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
+                  K, V, C, BC, BK, BV, PREC)
 
 
 def intra_config(K: int, V: int, C: int) -> dict:
@@ -193,22 +220,36 @@ class IntraChunk:
     """What the intra-chunk pass leaves for the state passes and the backward.
 
     aqk:  [T_total, H, C]  A_qk (scores of scaled q against k, lower triangle)
+    ainv: [T_total, H, C]  A_inv = (I + A_kk)^-1
     w:    [T_total, H, K]  W = A_inv Diag(beta) (exp(G) * K)
     u:    [T_total, H, V]  U = A_inv Diag(beta) V
     qg:   [T_total, H, K]  scale * q * exp(G)
     kg:   [T_total, H, K]  k * exp(Gs)
     gc:   [NC, H, K]       exp(G_C), the decay over the whole chunk
-    ainv: [T_total, H, C]  A_inv = (I + A_kk)^-1; None unless asked for
-    all fp32.
+    all fp32. The forward keeps aqk and ainv for the backward (0.5 KB per token and head at
+    C = 64), which then recomputes only the rest (`intra_chunk_factors`): the scores and the
+    inverse are most of the pass's cost.
     """
 
     aqk: torch.Tensor
+    ainv: torch.Tensor
     w: torch.Tensor
     u: torch.Tensor
     qg: torch.Tensor
     kg: torch.Tensor
     gc: torch.Tensor
-    ainv: Optional[torch.Tensor]
+
+
+def _factor_buffers(q: torch.Tensor, v: torch.Tensor, num_chunks: int) -> dict:
+    T, H, K = q.shape
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return dict(
+        w=torch.empty((T, H, K), **f32),
+        u=torch.empty((T, H, v.shape[-1]), **f32),
+        qg=torch.empty((T, H, K), **f32),
+        kg=torch.empty((T, H, K), **f32),
+        gc=torch.empty((num_chunks, H, K), **f32),
+    )
 
 
 def intra_chunk_fwd(
@@ -221,7 +262,6 @@ def intra_chunk_fwd(
     scale: float,
     chunk_size: int,
     precision: str,
-    store_ainv: bool,
 ) -> IntraChunk:
     """Intra-chunk pass over every chunk of every sequence, all chunks in parallel.
 
@@ -234,18 +274,37 @@ def intra_chunk_fwd(
     f32 = dict(dtype=torch.float32, device=q.device)
     out = IntraChunk(
         aqk=torch.empty((T, H, C), **f32),
-        w=torch.empty((T, H, K), **f32),
-        u=torch.empty((T, H, V), **f32),
-        qg=torch.empty((T, H, K), **f32),
-        kg=torch.empty((T, H, K), **f32),
-        gc=torch.empty((layout.num_chunks, H, K), **f32),
-        ainv=torch.empty((T, H, C), **f32) if store_ainv else None,
+        ainv=torch.empty((T, H, C), **f32),
+        **_factor_buffers(q, v, layout.num_chunks),
     )
-    cfg = intra_config(K, V, C)
     _intra_fwd_kernel[(layout.num_chunks, H)](
-        q, k, v, g, beta, out.aqk, out.w, out.u, out.qg, out.kg, out.gc,
-        out.ainv if store_ainv else out.aqk,  # never written through without STORE_AINV
+        q, k, v, g, beta, out.aqk, out.w, out.u, out.qg, out.kg, out.gc, out.ainv,
         layout.chunks, scale, H,
-        K=K, V=V, C=C, BC=SUB, STORE_AINV=store_ainv, PREC=precision, **cfg,
+        K=K, V=V, C=C, BC=SUB, PREC=precision, **intra_config(K, V, C),
+    )
+    return out
+
+
+def intra_chunk_factors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    aqk: torch.Tensor,
+    ainv: torch.Tensor,
+    layout: ChunkLayout,
+    scale: float,
+    precision: str,
+) -> IntraChunk:
+    """The intra-chunk pass again from the forward's A_qk and A_inv ([T_total, H, C] fp32):
+    only W, U, Qg, Kg and gC are recomputed. Other arguments as `intra_chunk_fwd`."""
+    H, K = q.shape[1:]
+    V = v.shape[-1]
+    C = aqk.shape[-1]
+    out = IntraChunk(aqk=aqk, ainv=ainv, **_factor_buffers(q, v, layout.num_chunks))
+    _intra_factors_kernel[(layout.num_chunks, H)](
+        q, k, v, g, beta, ainv, out.w, out.u, out.qg, out.kg, out.gc, layout.chunks, scale, H,
+        K=K, V=V, C=C, BC=SUB, PREC=precision, **intra_config(K, V, C),
     )
     return out
