@@ -16,7 +16,9 @@ import pytest
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
 
-from deltatron.train.optim import align_state_index, load_adam_steps_per_parameter, prepare_for_loading
+from deltatron.train.optim import (
+    align_state_index, load_adam_steps_per_parameter, prepare_for_loading, use_fused_adamw,
+)
 
 
 def _distributed_optimizer(inner_class=torch.optim.SGD):
@@ -102,10 +104,12 @@ def test_fresh_optimizer_gets_state_to_build_its_load_template():
     assert opt.state_dict()["optimizer"]["param_groups"][0]["step"] == 1.0
 
 
-def _resumable_adam(fixed: bool):
+def _resumable_adam(fixed: bool, fused: bool = False):
     """A fresh AdamW distributed optimizer after a resume's preparation, and a state dict saved
-    after one step (the template the resume loads)."""
+    after one step (the template the resume loads). fused: torch's fused AdamW (use_fused_adamw)."""
     opt, tags = _distributed_optimizer(torch.optim.AdamW)
+    if fused:
+        use_fused_adamw(opt)
     align_state_index(opt)
     if fixed:
         load_adam_steps_per_parameter(opt)
@@ -127,10 +131,15 @@ def test_megatron_core_shares_one_adam_step_and_wants_it_per_parameter():
         opt._set_main_param_and_optimizer_states(a, {k: torch.ones(6) for k in ("param", "exp_avg", "exp_avg_sq")})
 
 
-def test_loaded_adam_steps_are_per_parameter():
-    opt, tags, saved = _resumable_adam(fixed=True)
+@pytest.mark.parametrize("fused", [False, True])
+def test_loaded_adam_steps_are_per_parameter(fused):
+    opt, tags, saved = _resumable_adam(fixed=True, fused=fused)
+    assert all(group["fused"] is (True if fused else None) for group in opt.optimizer.param_groups)
     opt.load_state_dict(saved)
     assert len({id(s["step"]) for s in opt.optimizer.state.values()}) == len(tags)
+    if fused:  # the fused kernel's steps: fp32 on the parameter's device
+        assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device
+                   for p, s in opt.optimizer.state.items())
     opt._init_optimizer_states_with_dummy_values()
     assert [float(s["step"]) for s in opt.optimizer.state.values()] == [2.0] * len(tags)
     for p, tag in tags.items():  # the checkpoint's tensors land on their parameter, step untouched

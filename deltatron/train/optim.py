@@ -13,6 +13,12 @@ with `local_multi_tensor_l2_norm`, which builds a host list of every gradient's 
 parameter, 966 per step in the proxy model (torch.cuda.set_sync_debug_mode shows them), each
 stalling the host behind the GPU. The replacement computes the same norm on the device with
 `torch._foreach_norm`.
+
+Without Apex or Transformer Engine megatron-core's Adam is `torch.optim.AdamW` with torch's
+default implementation, `foreach`: one pass over the parameters per operation (about eight: the
+moments, weight decay, the denominator, the update). `use_fused_adamw` selects torch's fused
+kernel instead (one pass; the issue's references train with `AdamW(fused=True)` too). Apex's or
+TE's FusedAdam stays where present.
 """
 
 from __future__ import annotations
@@ -48,10 +54,23 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: 
         use_distributed_optimizer=distributed,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
+    use_fused_adamw(optimizer)
     for inner in _distributed_parts(optimizer):
         align_state_index(inner)
         load_adam_steps_per_parameter(inner)
     return optimizer
+
+
+def use_fused_adamw(optimizer) -> None:
+    """Switch every torch.optim.AdamW inside megatron-core's `optimizer` (plain, mixed-precision,
+    distributed or chained) to torch's fused implementation. Its "step" state lives on the
+    parameter's device (fp32), which torch creates on the first step and
+    `load_adam_steps_per_parameter` keeps there on resume."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if type(inner) is torch.optim.AdamW:
+            for group in [inner.defaults, *inner.param_groups]:
+                group["fused"], group["foreach"] = True, False
 
 
 def multi_tensor_l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -119,9 +138,12 @@ def load_adam_steps_per_parameter(optimizer: DistributedOptimizer) -> None:
 
     def load_with_own_steps(state_dict):
         load_state_dict(state_dict)
-        for state in optimizer.optimizer.state.values():
+        fused = any(group.get("fused") for group in optimizer.optimizer.param_groups)
+        for param, state in optimizer.optimizer.state.items():
             if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+                # the fused kernel reads each step on its parameter's device, as fp32
+                step = state["step"]
+                state["step"] = step.to(param.device, torch.float32, copy=True) if fused else step.clone()
 
     optimizer._set_main_param_and_optimizer_states = set_states_without_step
     optimizer.load_state_dict = load_with_own_steps
