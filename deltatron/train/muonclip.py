@@ -62,7 +62,8 @@ from deltatron.train.qk_clip import LayerClip, QKClip, mla_attentions
 # Waves the Muon parameters of each replica are cut into. Wave w's broadcast runs during wave
 # w + 1's Newton-Schulz, so only the last wave's broadcast (~1/NS_WAVES of the Muon parameters)
 # stays exposed; more waves hide more but run Newton-Schulz in smaller batches and issue more
-# collectives. 3: on 2 H200s (DP2) Newton-Schulz of the experts takes ~25 ms, their broadcast ~10 ms.
+# collectives. 3: on 2 H200s (DP2, proxy model) one rank's Newton-Schulz products took 39 ms of
+# kernel time per step and the broadcasts 10 ms (bench/results/muonclip_h200x2_gbs4.profile.txt).
 NS_WAVES = 3
 
 
