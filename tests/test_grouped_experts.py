@@ -116,3 +116,24 @@ def test_backward_restacks_instead_of_keeping_the_stacked_weights():
     torch.testing.assert_close(hooked_x.grad, ref_x.grad)
     for p, want in zip(params, ref_grads):
         torch.testing.assert_close(p.grad, want)
+
+
+def test_take_unique_rows_matches_index_select_and_never_accumulates():
+    """Same values and gradients as index_select for distinct rows; the backward writes rows
+    (index_copy) rather than adding them, so it records no index_add."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deltatron.model.grouped_experts import take_unique_rows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.randperm(40, generator=gen)[:25]
+    upstream = torch.randn(25, 6, generator=gen, dtype=torch.float64)
+    ref_x = x.detach().clone().requires_grad_()
+    ref_x.index_select(0, rows).backward(upstream)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = take_unique_rows(x, rows)
+        out.backward(upstream)
+    assert torch.equal(out, ref_x.index_select(0, rows))
+    assert torch.equal(x.grad, ref_x.grad)
+    assert not [e for e in prof.events() if e.name == "aten::index_add_"]

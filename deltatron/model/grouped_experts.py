@@ -114,7 +114,31 @@ class GroupedGemmExperts(SequentialMLP):
         probs_padded = permuted_probs.new_zeros(padded_total).index_copy(0, rows, permuted_probs)
         with restacked_in_backward({w1: fc1, w2: fc2}):
             out = grouped_swiglu(x_padded, probs_padded, offs, w1, w2)
-        return out.index_select(0, rows), None
+        return take_unique_rows(out, rows), None
+
+
+class _TakeUniqueRows(torch.autograd.Function):
+    """x.index_select(0, rows) for rows without repeats, whose backward writes each gradient row
+    to its place (index_copy) instead of index_select's accumulating index_add, which on CUDA
+    adds bf16 rows with atomics: 0.55 ms per MoE layer and micro-batch of the proxy on an H200
+    (bench/results/train_throughput_h200.profile.txt, indexFuncLargeIndex)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        grad_x = grad.new_zeros((ctx.num_rows, *grad.shape[1:])).index_copy_(0, rows, grad)
+        return grad_x, None
+
+
+def take_unique_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [M, ...] at rows [N] (distinct indices, N <= M) -> [N, ...], differentiable in x."""
+    return _TakeUniqueRows.apply(x, rows)
 
 
 def restacked_in_backward(stacks: dict):
