@@ -90,9 +90,12 @@ def fused_supported(x: Tensor, norm_group: int) -> bool:
     return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and heads_ok
 
 
-# Rows per program; channels per program without normalisation (with it: one head).
+# Rows per program; channels per program without normalisation (with it: one head). 8 warps: at
+# 4 the backward kernels spill 68-364 bytes per thread on sm_90, at 8 only the normalised one
+# does, 120 (python -m deltatron.kernels.kda.triton_compile_check).
 _BLOCK_T = 32
 _BLOCK_C = 128
+NUM_WARPS = 8
 
 
 class ShortConvSiLU(torch.autograd.Function):
@@ -121,7 +124,9 @@ class ShortConvSiLU(torch.autograd.Function):
         grad_act = torch.empty((B, T, C), dtype=torch.float32, device=x.device)
         # per program (row tile, batch row), the weight gradient of its channels: summed below
         partial_dw = torch.empty((B * _cdiv(T, _BLOCK_T), C, W), dtype=torch.float32, device=x.device)
-        _launch(_conv_bwd_act_kernel, x, weight, doc_pos, ctx.norm_group, ctx.eps, grad_out, grad_act, partial_dw)
+        _launch(
+            _conv_bwd_act_kernel, x, weight, doc_pos, ctx.norm_group, ctx.eps, grad_out, grad_act, partial_dw,
+        )
         grad_x = torch.empty((B, T, C), dtype=x.dtype, device=x.device)
         _launch(_conv_bwd_input_kernel, grad_act, weight, doc_pos, 0, 0.0, grad_x)
         return grad_x, partial_dw.sum(0).to(weight.dtype), None, None, None
@@ -141,7 +146,7 @@ def _launch(kernel, x: Tensor, weight: Tensor, doc_pos: Optional[Tensor], norm_g
         kernel[grid](
             x, weight, pos, *outs, T, C, x.stride(0), x.stride(1), eps,
             W=weight.shape[-1], HAS_POS=doc_pos is not None, NORM=norm_group > 0,
-            BT=_BLOCK_T, BC=block_c, num_warps=4,
+            BT=_BLOCK_T, BC=block_c, num_warps=NUM_WARPS,
         )
 
 
@@ -150,22 +155,31 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _conv_tile(X, Wt, POS, i_b, rows, cols, T, C, sxb, sxt,
-                   W: tl.constexpr, HAS_POS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-        """a = the convolution at rows x cols of batch row i_b, fp32 [BT, BC]."""
-        rmask = rows < T
-        cmask = cols < C
+    def _positions(POS, rows, T, HAS_POS: tl.constexpr):
+        """Each row's position in its document (the row itself without documents)."""
         if HAS_POS:
-            pos = tl.load(POS + rows, mask=rmask, other=0)
+            pos = tl.load(POS + rows, mask=rows < T, other=0)
         else:
             pos = rows
+        return pos
+
+    @triton.jit
+    def _tap(X, pos, i_b, rows, cols, T, C, sxb, sxt, s: tl.constexpr):
+        """x_{t-s} at rows t x cols of batch row i_b, fp32 [BT, BC]; zero where tap s reaches
+        before the document's start (or the sequence's)."""
+        ok = (rows < T) & (pos >= s) & (rows >= s)
+        return tl.load(X + i_b * sxb + (rows - s)[:, None].to(tl.int64) * sxt + cols[None, :],
+                       mask=ok[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _conv_tile(X, Wt, pos, i_b, rows, cols, T, C, sxb, sxt,
+                   W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        """a = the convolution at rows x cols of batch row i_b, fp32 [BT, BC]."""
+        cmask = cols < C
         acc = tl.zeros([BT, BC], dtype=tl.float32)
         for s in tl.static_range(W):
-            ok = rmask & (pos >= s) & (rows >= s)
-            xs = tl.load(X + i_b * sxb + (rows - s)[:, None].to(tl.int64) * sxt + cols[None, :],
-                         mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             ws = tl.load(Wt + cols * W + (W - 1 - s), mask=cmask, other=0.0).to(tl.float32)
-            acc += xs * ws[None, :]
+            acc += _tap(X, pos, i_b, rows, cols, T, C, sxb, sxt, s) * ws[None, :]
         return acc
 
     @triton.jit
@@ -176,7 +190,8 @@ if triton_available():
         i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         rows = i_t * BT + tl.arange(0, BT)
         cols = i_c * BC + tl.arange(0, BC)
-        a = _conv_tile(X, Wt, POS, i_b, rows, cols, T, C, sxb, sxt, W, HAS_POS, BT, BC)
+        pos = _positions(POS, rows, T, HAS_POS)
+        a = _conv_tile(X, Wt, pos, i_b, rows, cols, T, C, sxb, sxt, W, BT, BC)
         y = a * tl.sigmoid(a)
         if NORM:
             y = y * tl.rsqrt(tl.sum(y * y, 1) + eps)[:, None]
@@ -196,7 +211,8 @@ if triton_available():
         rmask = rows < T
         cmask = cols < C
         mask = rmask[:, None] & cmask[None, :]
-        a = _conv_tile(X, Wt, POS, i_b, rows, cols, T, C, sxb, sxt, W, HAS_POS, BT, BC)
+        pos = _positions(POS, rows, T, HAS_POS)
+        a = _conv_tile(X, Wt, pos, i_b, rows, cols, T, C, sxb, sxt, W, BT, BC)
         sig = tl.sigmoid(a)
         y = a * sig
         offs = (i_b * T + rows[:, None]) * C + cols[None, :]
@@ -207,15 +223,9 @@ if triton_available():
             dy = r[:, None] * (dy - out * tl.sum(dy * out, 1)[:, None])
         da = tl.where(mask, dy * sig * (1.0 + a * (1.0 - sig)), 0.0)
         tl.store(DA + offs, da, mask=mask)
-        if HAS_POS:
-            pos = tl.load(POS + rows, mask=rmask, other=0)
-        else:
-            pos = rows
         tile = i_b * tl.num_programs(0) + i_t
         for s in tl.static_range(W):
-            ok = rmask & (pos >= s) & (rows >= s)
-            xs = tl.load(X + i_b * sxb + (rows - s)[:, None].to(tl.int64) * sxt + cols[None, :],
-                         mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            xs = _tap(X, pos, i_b, rows, cols, T, C, sxb, sxt, s)
             tl.store(DWP + (tile * C + cols) * W + (W - 1 - s), tl.sum(da * xs, 0), mask=cmask)
 
     @triton.jit
@@ -231,13 +241,9 @@ if triton_available():
         for s in tl.static_range(W):
             dst = rows + s
             dmask = dst < T
-            if HAS_POS:
-                pos = tl.load(POS + dst, mask=dmask, other=0)
-            else:
-                pos = dst
-            ok = dmask & (pos >= s)
+            pos = _positions(POS, dst, T, HAS_POS)
             da = tl.load(DA + i_b * sdb + dst[:, None].to(tl.int64) * sdt + cols[None, :],
-                         mask=ok[:, None] & cmask[None, :], other=0.0)
+                         mask=(dmask & (pos >= s))[:, None] & cmask[None, :], other=0.0)
             ws = tl.load(Wt + cols * W + (W - 1 - s), mask=cmask, other=0.0).to(tl.float32)
             acc += da * ws[None, :]
         mask = (rows < T)[:, None] & cmask[None, :]

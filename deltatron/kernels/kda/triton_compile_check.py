@@ -1,4 +1,5 @@
-"""Compile the Triton KDA kernels for an NVIDIA architecture without launching them (no GPU needed).
+"""Compile the Triton KDA kernels for an NVIDIA architecture without launching them (no GPU needed):
+the recurrence's and those of the layer around it (short convolutions, gates).
 
 For the block sizes and warps the launchers use, this checks that every kernel builds for the
 target and fits its shared memory, and reports ptxas's register and spill counts: the part of
@@ -64,11 +65,43 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
     ]
 
 
-def compile_kernel(kernel, params: dict, dtype: torch.dtype, arch: int) -> dict:
-    """Compile one kernel for sm_<arch>; returns shared memory (bytes) and, where ptxas runs,
-    registers and spill-store bytes per thread."""
-    options = {key: params[key] for key in ("num_warps", "num_stages")}
-    constexprs = {key: val for key, val in params.items() if key not in options}
+def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, object, dict, dict]]:
+    """(label, kernel, constexprs and launch options, argument types) of the KDA layer's fused
+    kernels around the recurrence (deltatron.kernels.short_conv, deltatron.kernels.kda_gating)
+    as their launchers call them, activations in `dtype`, head dim `head_dim`."""
+    from deltatron.kernels import kda_gating, short_conv
+
+    act = "*" + _TRITON_DTYPE[dtype]
+    scalars = dict(T="i32", C="i32", H="i32", B="i32", sxb="i64", sxt="i64", sdb="i64", sdt="i64",
+                   sfb="i64", sft="i64", sgb="i64", sgt="i64", eps="fp32")
+    conv = dict(X=act, Wt=act, POS="*i64", OUT=act, DOUT=act, DA="*fp32", DWP="*fp32", DX=act, **scalars)
+    conv_bwd_input = dict(conv, X=None, DA="*fp32")  # launched on the fp32 activation gradient
+    gate = dict(F_=act, A="*fp32", DTB="*fp32", G="*fp32", DG="*fp32", DF=act, DBIAS="*fp32",
+                DALOG="*fp32", **scalars)
+    norm = dict(O=act, GT=act, W="*fp32", OUT=act, DOUT=act, DO=act, DGT=act, DW="*fp32", **scalars)
+    tiles = dict(BT=short_conv._BLOCK_T, num_warps=short_conv.NUM_WARPS, num_stages=1)
+    out = []
+    for norm_heads in (True, False):  # q, k (L2-normalised heads, packed documents) and v
+        consts = dict(tiles, W=4, HAS_POS=norm_heads, NORM=norm_heads,
+                      BC=head_dim if norm_heads else short_conv._BLOCK_C)
+        tag = "q/k" if norm_heads else "v"
+        out += [
+            (f"short conv {tag} fwd", short_conv._conv_fwd_kernel, consts, conv),
+            (f"short conv {tag} bwd a", short_conv._conv_bwd_act_kernel, consts, conv),
+            (f"short conv {tag} bwd x", short_conv._conv_bwd_input_kernel, consts, conv_bwd_input),
+        ]
+    gating = dict(BT=kda_gating._BLOCK_T, num_warps=kda_gating.NUM_WARPS, num_stages=1)
+    out += [
+        ("decay gate fwd", kda_gating._gate_fwd_kernel, dict(gating, K=head_dim), gate),
+        ("decay gate bwd", kda_gating._gate_bwd_kernel, dict(gating, K=head_dim), gate),
+        ("gated norm fwd", kda_gating._norm_fwd_kernel, dict(gating, V=head_dim), norm),
+        ("gated norm bwd", kda_gating._norm_bwd_kernel, dict(gating, V=head_dim), norm),
+    ]
+    return out
+
+
+def _kda_signature(kernel, constexprs: dict, dtype: torch.dtype) -> dict:
+    """Argument types of the recurrence's kernels, from their argument names."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -83,6 +116,21 @@ def compile_kernel(kernel, params: dict, dtype: torch.dtype, arch: int) -> dict:
             signature[name] = "*" + _TRITON_DTYPE[dtype]
         else:
             signature[name] = "*fp32"
+    return signature
+
+
+def compile_kernel(kernel, params: dict, dtype: torch.dtype, arch: int, types: dict | None = None) -> dict:
+    """Compile one kernel for sm_<arch>; returns shared memory (bytes) and, where ptxas runs,
+    registers and spill-store bytes per thread. types: argument name -> Triton type for the
+    non-constexpr arguments (default: the recurrence kernels' naming rule)."""
+    options = {key: params[key] for key in ("num_warps", "num_stages")}
+    constexprs = {key: val for key, val in params.items() if key not in options}
+    if types is None:
+        signature = _kda_signature(kernel, constexprs, dtype)
+    else:
+        signature = {
+            name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names
+        }
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32), options=options,
@@ -123,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for name in args.dtype or ["bf16", "fp32"]:
         dtype = dtypes[name]
-        configs = kernel_configs(args.head_dim, args.head_dim, args.chunk, dtype)
-        for label, kernel, params in configs:
+        configs = [(*c, None) for c in kernel_configs(args.head_dim, args.head_dim, args.chunk, dtype)]
+        configs += layer_kernel_configs(args.head_dim, dtype)
+        for label, kernel, params, types in configs:
             try:
-                report = compile_kernel(kernel, params, dtype, args.arch)
+                report = compile_kernel(kernel, params, dtype, args.arch, types)
             except Exception as exc:  # a compile error is this tool's finding, not its failure
                 print(f"{name:5s} {label:24s} FAILED: {type(exc).__name__}: {exc}")
                 ok = False
