@@ -304,20 +304,29 @@ def test_48b_presets_built_on_meta_per_rank_match_the_plan_and_sum_to_the_model(
             assert r["params"] == plan.ranks[r["stage"]].params, (res["preset"], r)
 
 
-def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded):
+def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded, monkeypatch):
     """Bytes per token each sub-layer keeps for the backward, counted with saved-tensor hooks on
     the tiny model (fp32, CPU): the dense MLP exactly; the MoE layer within 10% (routing decides
-    the expert-side counts; no imbalance factor here); KDA exactly without the tensors its kernel
-    keeps (the CPU's pure-PyTorch recurrence saves its own intermediates, the GPU's Triton kernel
-    only its inputs, which the planner counts)."""
-    import sys
-
+    the expert-side counts; no imbalance factor here); KDA within 2% on the path a GPU runs: its
+    fused short-convolution and gating kernels and the Triton recurrence, run here by the Triton
+    interpreter (on CPU the layer would otherwise take the eager references, which keep more)."""
     import torch
 
+    triton_chunk = pytest.importorskip("deltatron.kernels.kda.triton_chunk", reason="needs triton")
+    if not triton_chunk._INTERPRETED:
+        pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (conftest sets it)")
+    from deltatron.kernels.kda_gating import _DecayGate, _GatedRMSNorm
+    from deltatron.kernels.short_conv import L2_EPS, ShortConvSiLU
+    from deltatron.model import kda as kda_module
     from deltatron.model.model import build_model
     from deltatron.model.grouped_experts import ALIGN_TOKENS
     from deltatron.parallel.planner import _kda_items, _mlp_items, _moe_items
 
+    monkeypatch.setattr(kda_module, "short_conv_silu",
+                        lambda x, w, pos, n: ShortConvSiLU.apply(x, w, pos, n, L2_EPS))
+    monkeypatch.setattr(kda_module, "kda_decay_gate", _DecayGate.apply)
+    monkeypatch.setattr(kda_module, "gated_rms_norm", _GatedRMSNorm.apply)
+    monkeypatch.setattr(kda_module.KimiDeltaAttention, "_kernel_backend", lambda self: "triton")
     cfg = _model("tiny")
     model = build_model(cfg)
     param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -332,22 +341,19 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded):
         keep.append(t)
         s = t.untyped_storage()
         if s.data_ptr() not in param_storage and s.data_ptr() not in saved:
-            frame, in_kernel = sys._getframe(), False
-            while frame is not None and not in_kernel:
-                in_kernel = "deltatron/kernels/kda/" in frame.f_code.co_filename  # the recurrence
-                frame = frame.f_back
-            saved[s.data_ptr()] = (current[0], s.nbytes(), in_kernel)
+            saved[s.data_ptr()] = (current[0], s.nbytes())
         return t
 
     tokens = torch.randint(0, cfg.vocab_size, (1, 128))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens, None, None, labels=tokens)
     per_layer: dict = {}
-    for layer, nbytes, in_kernel in saved.values():
-        if layer != "outside" and not in_kernel:
+    for layer, nbytes in saved.values():
+        if layer != "outside":
             per_layer[layer] = per_layer.get(layer, 0) + nbytes / 128
     kinds = sublayer_kinds(cfg)
-    a, hk = 4, cfg.kda_num_heads * cfg.kda_head_dim
+    a = 4
+    assert {kinds[i] for i in per_layer} >= {"kda", "mlp", "moe"}
     for i, measured in per_layer.items():
         kind = kinds[i]
         if kind == "mlp":
@@ -360,8 +366,7 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded):
             assert measured == pytest.approx(it.replicated + it.sharded + rows_per_token * it.routed, rel=0.1)
         elif kind == "kda":
             it = _kda_items(cfg, a, documents=False)
-            kernel_inputs = a * 3 * hk + 4 * hk + 4 * cfg.kda_num_heads
-            assert measured == pytest.approx(it.replicated + it.sharded + it.full - kernel_inputs, rel=0.02)
+            assert measured == pytest.approx(it.replicated + it.sharded + it.full, rel=0.02)
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muonclip"])

@@ -255,26 +255,25 @@ def _norm(a: int) -> int:
 
 
 def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
-    """KimiDeltaAttention.forward (deltatron/model/kda.py), tensor by tensor: the pre-norm's
-    (`_norm`); the gathered input x that every input projection saves; per q/k/v the short
-    convolution's input and shifted copies (W tensors, 2W-1 with document resets, whose
-    masking keeps one more copy per tap), SiLU inputs; q, k before L2 norm; the kernel's inputs
-    q, k, v, g (fp32), beta (fp32); the gate's softplus input and output (fp32); the output
-    path in fp32 (o, o*rsqrt, *norm weight, sigmoid(gate)) and the output projection's input."""
+    """KimiDeltaAttention.forward (deltatron/model/kda.py) on a GPU, tensor by tensor: the
+    pre-norm's (`_norm`); the gathered input x that every input projection saves and the
+    gathered low-rank f_a, g_a outputs; the short convolutions' inputs (the fused kernels
+    recompute the rest, deltatron/kernels/short_conv.py); the recurrence kernel's inputs q, k, v,
+    g (fp32) and beta (fp32: sigmoid's output, and with more than one row per micro-batch also
+    the kernel's contiguous copy, counted here in both cases)
+    and the A_qk, A_inv it keeps (fp32, chunk-size wide per head); the decay gate's input; the
+    gated output norm's inputs o and gate, and the output projection's input; with packed
+    documents the int64 positions in the document."""
     h, hk = cfg.hidden_size, cfg.kda_num_heads * cfg.kda_head_dim
-    w = cfg.kda_conv_kernel
-    conv_copies = 2 * w - 1 if documents else w
-    qkv = 3 * hk
+    hv, heads = hk, cfg.kda_num_heads  # value heads = key heads, dv = dk (ModelConfig)
     sharded = (
-        a * qkv * conv_copies  # short convolutions
-        + a * qkv  # SiLU inputs
-        + a * 2 * hk  # L2-norm inputs (q, k)
-        + a * qkv + 4 * hk + 4 * cfg.kda_num_heads  # kernel inputs: q, k, v, g, beta
-        + 4 * 2 * hk  # softplus input and output
-        + 4 * 4 * hk  # fp32 output norm and gate
-        + a * hk  # output projection input
+        a * (2 * hk + hv)  # short convolutions' inputs
+        + a * (2 * hk + hv) + 4 * hk + 2 * 4 * heads  # recurrence inputs: q, k, v, g, beta (x2)
+        + 2 * 4 * cfg.kda_chunk_size * heads  # A_qk and A_inv the recurrence keeps
+        + a * hk  # decay gate's input
+        + 2 * a * hv + a * hv  # output norm's o and gate; output projection's input
     )
-    full = a * h + a * 2 * cfg.kda_head_dim  # gathered x; f_a, g_a outputs (gathered)
+    full = a * h + a * 2 * cfg.kda_head_dim + (8 if documents else 0)
     return Items(replicated=_norm(a) * h, sharded=sharded, full=full)
 
 
