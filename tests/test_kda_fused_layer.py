@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from deltatron.model.config import ModelConfig
-from deltatron.model.model import build_model, packed_seq_params
-from test_model import SMALL
+from deltatron.model.model import build_model
+from test_model import SMALL, logits_and_grads, small_batch
 
 
 def fused_kernels(monkeypatch):
@@ -55,23 +55,11 @@ def test_fused_kda_layer_matches_the_eager_path(seeded, monkeypatch, packed):
     cfg = ModelConfig(**SMALL)
     model = build_model(cfg)
     n_kda = sum(type(l.self_attention).__name__ == "KimiDeltaAttention" for l in model.decoder.layers)
-    gen = torch.Generator().manual_seed(5)
-    if packed:  # a one-token document and a reset inside a convolution window
-        tokens = torch.randint(0, cfg.vocab_size, (1, 48), generator=gen)
-        kw = dict(packed_seq_params=packed_seq_params(torch.tensor([0, 17, 18, 48]), 30))
-    else:
-        tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen)
-        kw = {}
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        logits = model(tokens, None, None, **kw)
-        (logits.float().square().mean() + logits[..., :7].sum()).backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    ref_logits, ref_grads = run()
+    # packed: a one-token document and a reset inside a convolution window
+    tokens, kw = small_batch(cfg, packed, cu=[0, 17, 18, 48], seed=5)
+    ref_logits, ref_grads = logits_and_grads(model, tokens, kw)
     calls = fused_kernels(monkeypatch)
-    logits, grads = run()
+    logits, grads = logits_and_grads(model, tokens, kw)
     assert n_kda > 0 and calls == {"conv": 3 * n_kda, "gate": n_kda, "norm": n_kda}
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     assert grads.keys() == ref_grads.keys()

@@ -163,6 +163,25 @@ def _rope_calls(monkeypatch):
     return calls
 
 
+def small_batch(cfg: ModelConfig, packed: bool, cu: list[int], seed: int):
+    """(tokens, forward kwargs): one row of packed documents with offsets cu (48 tokens), or two
+    rows of 24."""
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        tokens = torch.randint(0, cfg.vocab_size, (1, cu[-1]), generator=gen)
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        return tokens, dict(packed_seq_params=packed_seq_params(torch.tensor(cu), max(lengths)))
+    return torch.randint(0, cfg.vocab_size, (2, 24), generator=gen), {}
+
+
+def logits_and_grads(model, tokens, kw) -> tuple[torch.Tensor, dict]:
+    """Logits and every parameter's gradient of a fixed loss on them (fresh gradients)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens, None, None, **kw)
+    (logits.float().square().mean() + logits[..., :7].sum()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["thd", "bshd"])
 def test_nope_mla_skips_the_empty_rotation_exactly(seeded, monkeypatch, packed):
     """rotary_percent 0: megatron-core's RoPE (2 host syncs per call on THD) is never called,
@@ -175,19 +194,10 @@ def test_nope_mla_skips_the_empty_rotation_exactly(seeded, monkeypatch, packed):
     model = build_model(cfg)
     n_mla = sum(isinstance(l.self_attention, KimiMLASelfAttention) for l in model.decoder.layers)
     assert n_mla > 0
-    gen = torch.Generator().manual_seed(3)
-    if packed:
-        tokens = torch.randint(0, cfg.vocab_size, (1, 48), generator=gen)
-        kw = dict(packed_seq_params=packed_seq_params(torch.tensor([0, 17, 22, 48]), 26))
-    else:
-        tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen)
-        kw = {}
+    tokens, kw = small_batch(cfg, packed, cu=[0, 17, 22, 48], seed=3)
 
     def run():
-        model.zero_grad(set_to_none=True)
-        logits = model(tokens, None, None, **kw)
-        (logits.float().square().mean() + logits[..., :7].sum()).backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logits_and_grads(model, tokens, kw)
 
     calls = _rope_calls(monkeypatch)
     logits, grads = run()
