@@ -312,21 +312,12 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded, monkey
     interpreter (on CPU the layer would otherwise take the eager references, which keep more)."""
     import torch
 
-    triton_chunk = pytest.importorskip("deltatron.kernels.kda.triton_chunk", reason="needs triton")
-    if not triton_chunk._INTERPRETED:
-        pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (conftest sets it)")
-    from deltatron.kernels.kda_gating import _DecayGate, _GatedRMSNorm
-    from deltatron.kernels.short_conv import L2_EPS, ShortConvSiLU
-    from deltatron.model import kda as kda_module
     from deltatron.model.model import build_model
     from deltatron.model.grouped_experts import ALIGN_TOKENS
     from deltatron.parallel.planner import _kda_items, _mlp_items, _moe_items
+    from test_kda_fused_layer import fused_kernels
 
-    monkeypatch.setattr(kda_module, "short_conv_silu",
-                        lambda x, w, pos, n: ShortConvSiLU.apply(x, w, pos, n, L2_EPS))
-    monkeypatch.setattr(kda_module, "kda_decay_gate", _DecayGate.apply)
-    monkeypatch.setattr(kda_module, "gated_rms_norm", _GatedRMSNorm.apply)
-    monkeypatch.setattr(kda_module.KimiDeltaAttention, "_kernel_backend", lambda self: "triton")
+    fused_kernels(monkeypatch)
     cfg = _model("tiny")
     model = build_model(cfg)
     param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -19,14 +19,12 @@ CPU path and the kernels' test reference).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from deltatron.kernels import triton_available
+from deltatron.kernels import cdiv, on_device, runs_fused, triton_available
 
 _BLOCK_T = 32  # tokens per program
 # 8 warps: at 4 the gated norm's backward spills 584 bytes per thread on sm_90, at 8 none of
@@ -55,39 +53,21 @@ def gated_rms_norm_reference(o: Tensor, gate: Tensor, weight: Tensor, eps: float
 
 def kda_decay_gate(f: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
     """`kda_decay_gate_reference`'s result, fused on CUDA; differentiable in all three."""
-    if _fused(f, f.shape[-1] // A_log.shape[0]):
+    if runs_fused(f, f.shape[-1] // A_log.shape[0]):
         return _DecayGate.apply(f, A_log, dt_bias)
     return kda_decay_gate_reference(f, A_log, dt_bias)
 
 
 def gated_rms_norm(o: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`gated_rms_norm_reference`'s result, fused on CUDA; differentiable in all three."""
-    if _fused(o, o.shape[-1]):
+    if runs_fused(o, o.shape[-1]):
         return _GatedRMSNorm.apply(o, gate, weight, eps)
     return gated_rms_norm_reference(o, gate, weight, eps)
-
-
-def _fused(x: Tensor, head_dim: int) -> bool:
-    return (
-        x.is_cuda
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and head_dim & (head_dim - 1) == 0
-        and 16 <= head_dim <= 256
-        and triton_available()
-    )
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _rows(x: Tensor) -> Tensor:
     """x [B, T, C] with unit channel stride (copied only if it has none)."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _on(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 class _DecayGate(torch.autograd.Function):
@@ -99,8 +79,8 @@ class _DecayGate(torch.autograd.Function):
         K = HK // H
         A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
         g = torch.empty((B, T, H, K), dtype=torch.float32, device=f.device)
-        with _on(f):
-            _gate_fwd_kernel[(_cdiv(T, _BLOCK_T), H, B)](
+        with on_device(f):
+            _gate_fwd_kernel[(cdiv(T, _BLOCK_T), H, B)](
                 f, A_log, dt_bias, g, T, H, f.stride(0), f.stride(1),
                 K=K, BT=_BLOCK_T, num_warps=NUM_WARPS,
             )
@@ -114,12 +94,12 @@ class _DecayGate(torch.autograd.Function):
         B, T, HK = f.shape
         H = A_log.shape[0]
         K = HK // H
-        NT = _cdiv(T, _BLOCK_T)
+        NT = cdiv(T, _BLOCK_T)
         dg = dg.contiguous()
         df = torch.empty((B, T, HK), dtype=f.dtype, device=f.device)
         d_bias = torch.empty((B * NT, HK), dtype=torch.float32, device=f.device)
         d_alog = torch.empty((B * NT, H), dtype=torch.float32, device=f.device)
-        with _on(f):
+        with on_device(f):
             _gate_bwd_kernel[(NT, H, B)](
                 f, A_log, dt_bias, dg, df, d_bias, d_alog, T, H, f.stride(0), f.stride(1),
                 K=K, BT=_BLOCK_T, num_warps=NUM_WARPS,
@@ -136,8 +116,8 @@ class _GatedRMSNorm(torch.autograd.Function):
         gate = _rows(gate.reshape(B, T, H * V))
         weight = weight.contiguous()
         out = torch.empty((T, B, H * V), dtype=o.dtype, device=o.device)
-        with _on(o):
-            _norm_fwd_kernel[(_cdiv(T, _BLOCK_T), H, B)](
+        with on_device(o):
+            _norm_fwd_kernel[(cdiv(T, _BLOCK_T), H, B)](
                 o, gate, weight, out, T, H, B, gate.stride(0), gate.stride(1), eps,
                 V=V, BT=_BLOCK_T, num_warps=NUM_WARPS,
             )
@@ -150,12 +130,12 @@ class _GatedRMSNorm(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         o, gate, weight = ctx.saved_tensors
         B, T, H, V = o.shape
-        NT = _cdiv(T, _BLOCK_T)
+        NT = cdiv(T, _BLOCK_T)
         dout = dout.contiguous()
         do = torch.empty_like(o)
         dgate = torch.empty((B, T, H * V), dtype=gate.dtype, device=o.device)
         dw = torch.empty((B * NT * H, V), dtype=torch.float32, device=o.device)
-        with _on(o):
+        with on_device(o):
             _norm_bwd_kernel[(NT, H, B)](
                 o, gate, weight, dout, do, dgate, dw, T, H, B, gate.stride(0), gate.stride(1), ctx.eps,
                 V=V, BT=_BLOCK_T, num_warps=NUM_WARPS,

@@ -20,7 +20,6 @@ row). Output [B, T, C] contiguous in x's dtype; all arithmetic in fp32.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from deltatron.kernels import triton_available
+from deltatron.kernels import cdiv, on_device, runs_fused, triton_available
 
 L2_EPS = 1e-6
 
@@ -79,15 +78,9 @@ def short_conv_silu(
     """
     if norm_group and x.shape[-1] % norm_group:
         raise ValueError(f"norm_group={norm_group} does not divide the {x.shape[-1]} channels")
-    if x.is_cuda and fused_supported(x, norm_group) and triton_available():
+    if runs_fused(x, norm_group or None):
         return ShortConvSiLU.apply(x, weight, doc_pos, norm_group, eps)
     return short_conv_silu_reference(x, weight, doc_pos, norm_group, eps)
-
-
-def fused_supported(x: Tensor, norm_group: int) -> bool:
-    """Inputs the kernels take: a float dtype they load, and heads they can tile whole."""
-    heads_ok = norm_group == 0 or (norm_group & (norm_group - 1) == 0 and 16 <= norm_group <= 256)
-    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and heads_ok
 
 
 # Rows per program; channels per program without normalisation (with it: one head). 8 warps: at
@@ -123,7 +116,7 @@ class ShortConvSiLU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_act = torch.empty((B, T, C), dtype=torch.float32, device=x.device)
         # per program (row tile, batch row), the weight gradient of its channels: summed below
-        partial_dw = torch.empty((B * _cdiv(T, _BLOCK_T), C, W), dtype=torch.float32, device=x.device)
+        partial_dw = torch.empty((B * cdiv(T, _BLOCK_T), C, W), dtype=torch.float32, device=x.device)
         _launch(
             _conv_bwd_act_kernel, x, weight, doc_pos, ctx.norm_group, ctx.eps, grad_out, grad_act, partial_dw,
         )
@@ -132,17 +125,13 @@ class ShortConvSiLU(torch.autograd.Function):
         return grad_x, partial_dw.sum(0).to(weight.dtype), None, None, None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch(kernel, x: Tensor, weight: Tensor, doc_pos: Optional[Tensor], norm_group: int, eps: float, *outs):
     """One launch over (row tiles, channel tiles, batch rows) of x [B, T, C]."""
     B, T, C = x.shape
     block_c = norm_group or min(_BLOCK_C, max(16, 1 << (C - 1).bit_length()))
-    grid = (_cdiv(T, _BLOCK_T), _cdiv(C, block_c), B)
+    grid = (cdiv(T, _BLOCK_T), cdiv(C, block_c), B)
     pos = doc_pos if doc_pos is not None else x  # never read without HAS_POS
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         kernel[grid](
             x, weight, pos, *outs, T, C, x.stride(0), x.stride(1), eps,
             W=weight.shape[-1], HAS_POS=doc_pos is not None, NORM=norm_group > 0,

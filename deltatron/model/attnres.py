@@ -47,7 +47,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import make_viewless_tensor
 
-from deltatron.kernels import triton_available
+from deltatron.kernels import runs_fused
 from deltatron.model.model import KimiLinearStack
 
 
@@ -188,7 +188,7 @@ def _fused_kernels(x: Tensor) -> bool:
     in fp32, bf16 or fp16 (the kernels accumulate in fp32), where Triton imports. Elsewhere
     (CPU, float64 gradient checks) they run as the eager functions above, which are also the
     kernels' test reference."""
-    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()
+    return runs_fused(x)
 
 
 def attend_completed(

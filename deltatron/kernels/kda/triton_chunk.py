@@ -48,12 +48,12 @@ sequences of length T.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from deltatron.kernels import on_device
 from deltatron.kernels.kda.checks import check_kda_inputs
 from deltatron.kernels.kda.triton_common import chunk_layout, dot_precision
 from deltatron.kernels.kda.triton_grad import grad_chunk, grad_pairwise
@@ -65,11 +65,6 @@ MAX_HEAD_DIM = 256
 
 # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (numpy); compiled ones need CUDA.
 _INTERPRETED = type(_intra_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU, whatever the current device is."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -88,7 +83,7 @@ class ChunkKDAFunction(torch.autograd.Function):
     ):
         ctx.set_materialize_grads(False)
         precision = dot_precision(q.dtype, k.dtype, v.dtype)
-        with _on_device(q):
+        with on_device(q):
             ic = intra_chunk_fwd(q, k, v, g, beta, layout, scale, chunk_size, precision)
             o, ht, _, _ = state_fwd(
                 ic, initial_state, layout, precision, v.dtype,
@@ -108,7 +103,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         precision = dot_precision(q.dtype, k.dtype, v.dtype)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         initial_grad = initial_state is not None and ctx.needs_input_grad[5]
-        with _on_device(q):
+        with on_device(q):
             ic = intra_chunk_factors(q, k, v, g, beta, aqk, ainv, layout, scale, precision)
             _, _, h, vnew = state_fwd(
                 ic, initial_state, layout, precision, v.dtype,
