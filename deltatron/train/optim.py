@@ -66,7 +66,7 @@ def use_fused_adamw(optimizer) -> None:
     distributed or chained) to torch's fused implementation. Its "step" state lives on the
     parameter's device (fp32), which torch creates on the first step and
     `load_adam_steps_per_parameter` keeps there on resume."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in _parts(optimizer):
         inner = getattr(part, "optimizer", None)
         if type(inner) is torch.optim.AdamW:
             for group in [inner.defaults, *inner.param_groups]:
@@ -93,10 +93,14 @@ def install_device_grad_norm() -> None:
         clip_grads.l2_norm_impl = multi_tensor_l2_norm_on_device
 
 
+def _parts(optimizer) -> list:
+    """The megatron-core optimizers `optimizer` is made of: itself, or the parts of a chain."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _distributed_parts(optimizer) -> list[DistributedOptimizer]:
-    """The megatron-core DistributedOptimizers in `optimizer` (itself, or parts of a chain)."""
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [p for p in parts if isinstance(p, DistributedOptimizer)]
+    """The megatron-core DistributedOptimizers in `optimizer`."""
+    return [p for p in _parts(optimizer) if isinstance(p, DistributedOptimizer)]
 
 
 def prepare_for_loading(optimizer) -> None:

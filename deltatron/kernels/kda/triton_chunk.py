@@ -110,12 +110,12 @@ class ChunkKDAFunction(torch.autograd.Function):
                 output=False, final_state=False, chunk_states=True,
             )
             dh, dvnew, dh0 = state_bwd(ic, do, dht, layout, precision, initial_grad)
-            w, u, ainv = ic.w, ic.u, ic.ainv
-            del ic  # A_qk, Qg, Kg, gC: only the state passes read them
+            w, u = ic.w, ic.u
+            del ic  # Qg, Kg, gC: only the state passes read them (A_qk, A_inv stay saved)
             dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part = grad_chunk(
                 q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do, layout, scale, precision
             )
-            del w, u, ainv, h, dh, vnew, dvnew  # the largest buffers, before the outputs exist
+            del w, u, h, dh, vnew, dvnew  # the largest buffers, before the outputs exist
             dq, dk, dg, dbeta = grad_pairwise(
                 q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
                 layout, scale, precision,

@@ -75,7 +75,6 @@ def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, o
     scalars = dict(T="i32", C="i32", H="i32", B="i32", sxb="i64", sxt="i64", sdb="i64", sdt="i64",
                    sfb="i64", sft="i64", sgb="i64", sgt="i64", eps="fp32")
     conv = dict(X=act, Wt=act, POS="*i64", OUT=act, DOUT=act, DA="*fp32", DWP="*fp32", DX=act, **scalars)
-    conv_bwd_input = dict(conv, X=None, DA="*fp32")  # launched on the fp32 activation gradient
     gate = dict(F_=act, A="*fp32", DTB="*fp32", G="*fp32", DG="*fp32", DF=act, DBIAS="*fp32",
                 DALOG="*fp32", **scalars)
     norm = dict(O=act, GT=act, W="*fp32", OUT=act, DOUT=act, DO=act, DGT=act, DW="*fp32", **scalars)
@@ -88,7 +87,7 @@ def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, o
         out += [
             (f"short conv {tag} fwd", short_conv._conv_fwd_kernel, consts, conv),
             (f"short conv {tag} bwd a", short_conv._conv_bwd_act_kernel, consts, conv),
-            (f"short conv {tag} bwd x", short_conv._conv_bwd_input_kernel, consts, conv_bwd_input),
+            (f"short conv {tag} bwd x", short_conv._conv_bwd_input_kernel, consts, conv),
         ]
     gating = dict(BT=kda_gating._BLOCK_T, num_warps=kda_gating.NUM_WARPS, num_stages=1)
     out += [
