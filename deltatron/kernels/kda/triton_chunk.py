@@ -3,18 +3,23 @@
 Same recurrence and chunkwise form as chunk.py (the WY/UT form of the Kimi Linear paper):
     S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale q_t)
 
-Kernels (T_total = B * T tokens, NC chunks over all sequences, N sequences, NV = cdiv(V, 32)):
-    forward   intra_chunk_fwd  grid (NC, H)      A_qk, A_inv = (I + A_kk)^-1, W, U per chunk
+Kernels (T_total = B * T tokens, NC chunks over all sequences, N sequences, NS = C / 16
+sub-blocks per chunk, NV = cdiv(V, 32)):
+    forward   scores           grid (NC, H, NS)  A_qk and beta-scaled A_kk, one sub-block of rows
+                                                 per program
+              intra factors    grid (NC, H)      A_inv = (I + A_kk)^-1 (in place), W, U and the
+                                                 decay factors of the state pass
               state_fwd        grid (N, H, NV)   U' = U - W S, O and S_next chunk after chunk;
                                                  the final state
-    backward  intra_chunk_factors grid (NC, H)   W, U (and the decay factors) recomputed from
+    backward  intra factors    grid (NC, H)      W, U (and the decay factors) recomputed from
                                                  the A_inv the forward kept
               state_fwd        grid (N, H, NV)   recomputed, keeping h (the state entering every
                                                  chunk) and U' instead of O
               state_bwd        grid (N, H, NV)   reverse pass: dh (gradient of the state leaving
                                                  every chunk), dU', the initial state's gradient
               grad_chunk       grid (NC, H)      dv, dA_qk, dA_kk, elementwise parts of dq, dk, dg
-              grad_pairwise    grid (NC, H)      dq, dk, dg, dbeta
+              grad_pairwise    grid (NC, H, NS)  dq, dk, dbeta and dG, one sub-block per program;
+                               grid (NC, H, *)   then dg, dG's reverse cumsum over each chunk
 The forward keeps the inputs and A_qk, A_inv (fp32 [T_total, H, C]: 0.5 KB per token and head at
 C = 64) for the backward, which recomputes the rest (W, U and the decay factors from A_inv, and one
 state pass): the scores and the inverse are most of the intra pass's cost, so running them once
@@ -26,19 +31,21 @@ its peak, in grad_chunk, is about 6.5 KB per token and head there (1.6 GiB for 8
 heads), all released before it returns.
 
 Tiles: C in {16, 32, 64, 128} (64 is the target); sub-chunks of SUB = 16 tokens for the
-intra-chunk decays; key channels 32 at a time in the chunk-parallel kernels and whole (padded to a
-power of two, up to 256) in the state passes; value columns 32 at a time in the state passes so a
-single long sequence still spreads over H * NV programs; 8 warps at C = 64 or K = 128 (configs in
-intra_config, state_config, grad_config). From C = 64 on, the chunk-parallel kernels use the
+intra-chunk decays. The per-sub-block kernels (scores, grad_pairwise) work on [16, BK] tiles
+(triton_common.pair_config). The other chunk-parallel kernels take key channels 32 at a time, the
+state passes all of them (padded to a power of two, up to 256) and value columns 32 at a time, so
+a single long sequence still spreads over H * NV programs; 8 warps at C = 64 or K = 128 (configs
+in intra_config, state_config, grad_config). From C = 64 on, intra factors and grad_chunk use the
 K = V = 128 tiles for every head size (smaller heads are padded): with 16-wide fp32 tiles and 8
 warps Triton 3.6 miscompiled _grad_chunk_kernel (an out-of-bounds shared-memory read, an illegal
 memory access on the H100). In-block pairs (both tokens in one 16-token sub-block) are one tl.dot
 per key block through a reference row of the sub-block when the in-block log decays are at most
-40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). All arithmetic is fp32 (16-bit inputs are converted on
-load, every intermediate is fp32); tl.dot runs "tf32" products for bf16 / fp16 inputs and
-"tf32x3" (about fp32) for fp32 inputs (triton_common.dot_precision). No autotuning, so a fresh GPU
-compiles each kernel once per shape class. triton_compile_check.py compiles them all for a target
-(sm_90 by default) without a GPU and reports shared memory, registers and spills.
+40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). All
+arithmetic is fp32 (16-bit inputs are converted on load, every intermediate is fp32); tl.dot runs
+"tf32" products for bf16 / fp16 inputs and "tf32x3" (about fp32) for fp32 inputs
+(triton_common.dot_precision). No autotuning, so a fresh GPU compiles each kernel once per shape
+class. triton_compile_check.py compiles them all for a target (sm_90 by default) without a GPU and
+reports shared memory, registers and spills.
 
 Packed documents: every sequence is cut into its own chunks on the host (a chunk never straddles
 two documents, the last one may be ragged), so each program reads only its document's tokens and
@@ -57,14 +64,14 @@ from deltatron.kernels import on_device
 from deltatron.kernels.kda.checks import check_kda_inputs
 from deltatron.kernels.kda.triton_common import chunk_layout, dot_precision
 from deltatron.kernels.kda.triton_grad import grad_chunk, grad_pairwise
-from deltatron.kernels.kda.triton_intra import _intra_fwd_kernel, intra_chunk_factors, intra_chunk_fwd
+from deltatron.kernels.kda.triton_intra import _scores_kernel, intra_chunk_factors, intra_chunk_fwd
 from deltatron.kernels.kda.triton_state import state_bwd, state_fwd
 
 SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
 MAX_HEAD_DIM = 256
 
 # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (numpy); compiled ones need CUDA.
-_INTERPRETED = type(_intra_fwd_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = type(_scores_kernel).__name__ == "InterpretedFunction"
 
 
 class ChunkKDAFunction(torch.autograd.Function):

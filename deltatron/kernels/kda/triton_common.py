@@ -103,6 +103,16 @@ def dot_precision(*dtypes: torch.dtype) -> str:
     return _PRECISION_OVERRIDE or ("tf32" if half else "tf32x3")
 
 
+def pair_config(K: int, whole_head: bool) -> dict:
+    """Tiles of the per-sub-block kernels, [SUB, BK]: triton_intra._scores_kernel takes every key
+    channel at once (whole_head: K padded to a power of two, at least 32), the pairwise backward
+    64 at a time. Warps chosen for no sm_90 register spills at K = 128 (triton_compile_check)."""
+    BK = max(32, triton.next_power_of_2(K))
+    if not whole_head:
+        return dict(BK=min(BK, 64), num_warps=8, num_stages=1)
+    return dict(BK=BK, num_warps=4 if BK <= 128 else 8, num_stages=1)
+
+
 @triton.jit
 def load_rows(ptr, t0, rows, n, stride, cols, ncols):
     """fp32 tile [len(rows), len(cols)] of a token-major tensor: tile row r is token t0 + rows[r].
@@ -146,14 +156,16 @@ def load_decays(g_ptr, t0, rows, n, stride, cols, ncols):
 
 @triton.jit
 def sub_block_decays(g, g_next, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """What the decay factors of every sub-block boundary are made of, computed once per key
-    block from within-sub-block sums (no cumulative sum runs over the whole chunk):
+    """What the decay factors of every sub-block boundary are made of, from within-sub-block sums
+    (no cumulative sum runs over the whole chunk), for C rows (C = BC: one sub-block):
 
         e_in[i]    = exp(sum of g from the start of i's sub-block to i)          [C, BK]
         e_out[j]   = exp(sum of g after j to the end of j's sub-block)           [C, BK]
         totals[m]  = sum of g over sub-block m                                   [NS, BK]
 
-    Every sum is of terms <= 0 (no cancellation); boundary_decays combines them.
+    Every sum is of terms <= 0 (no cancellation). A pair i > j in sub-blocks I > J decays by
+    e_in[i] * exp(totals of the sub-blocks strictly between) * e_out[j] (the per-sub-block
+    kernels); chunk_decays combines them into exp(G) and exp(Gs).
     """
     NS: tl.constexpr = C // BC
     local = tl.arange(0, BC)[None, :, None]
@@ -163,28 +175,6 @@ def sub_block_decays(g, g_next, C: tl.constexpr, BC: tl.constexpr, BK: tl.conste
     after = tl.cumsum(tl.where(local < BC - 1, tl.reshape(g_next, [NS, BC, BK]), 0.0), 1, reverse=True)
     e_out = tl.reshape(tl.exp(after), [C, BK])
     return e_in, e_out, tl.sum(g3, 1)
-
-
-@triton.jit
-def boundary_decays(e_in, e_out, totals, b, rows, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """Decay factors through the boundary after sub-block b (r = its last row), [C, BK] each, from
-    sub_block_decays' parts:
-
-        left[i]  = exp(sum_{r < t <= i} g_t)  for rows i after r, else 0
-                 = e_in[i] * exp(totals of the sub-blocks strictly between b and i's)
-        right[j] = exp(sum_{j < t <= r} g_t)  for rows j in sub-block b, else 0  (= e_out[j])
-
-    so left[i] * right[j] = exp(G_i - G_j) for every pair with block(i) > b = block(j), and
-    every exponent is a sum of terms <= 0.
-    """
-    NS: tl.constexpr = C // BC
-    blocks = tl.arange(0, NS)
-    between = (blocks[None, :] > b) & (blocks[None, :] < blocks[:, None])  # [row block, m]
-    gap = tl.exp(tl.sum(tl.where(between[:, :, None], totals[None, :, :], 0.0), 1))  # [NS, BK]
-    left3 = tl.reshape(e_in, [NS, BC, BK]) * gap[:, None, :]
-    left = tl.where(((rows // BC) > b)[:, None], tl.reshape(left3, [C, BK]), 0.0)
-    right = tl.where(((rows // BC) == b)[:, None], e_out, 0.0)
-    return left, right
 
 
 @triton.jit
@@ -265,11 +255,3 @@ def block_diag_spread(x, C: tl.constexpr, BC: tl.constexpr):
     rows = tl.arange(0, C)
     own = (rows // BC)[:, None, None] == tl.arange(0, NS)[None, :, None]
     return tl.reshape(tl.where(own, x[:, None, :], 0.0), [C, C])
-
-
-@triton.jit
-def block_row_sums(x, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """[C, BK] -> [C, BK]: every row replaced by the sum of its sub-block's rows."""
-    NS: tl.constexpr = C // BC
-    sums = tl.sum(tl.reshape(x, [NS, BC, BK]), 1)
-    return tl.reshape(tl.broadcast_to(sums[:, None, :], [NS, BC, BK]), [C, BK])

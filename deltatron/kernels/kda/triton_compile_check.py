@@ -26,9 +26,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from deltatron.kernels.kda.triton_common import SUB, dot_precision
-from deltatron.kernels.kda.triton_grad import _grad_chunk_kernel, _grad_pairwise_kernel, grad_config
-from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _intra_fwd_kernel, intra_config
+from deltatron.kernels.kda.triton_common import SUB, dot_precision, pair_config
+from deltatron.kernels.kda.triton_grad import (
+    _chunk_reverse_cumsum_kernel, _grad_chunk_kernel, _grad_pairwise_kernel, grad_config,
+)
+from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _scores_kernel, intra_config
 from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_kernel, state_config
 
 # Largest dynamic shared memory per block (opt-in), bytes.
@@ -46,11 +48,14 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
     prec = dot_precision(dtype, dtype, dtype)
     shapes = dict(K=K, V=V, C=C, PREC=prec)
     grad = grad_config(K, V, C)
-    pairwise = {key: val for key, val in grad_config(K, K, C).items() if key != "BV"}
+    no_v = {key: val for key, val in shapes.items() if key != "V"}
     return [
-        ("intra (forward)", _intra_fwd_kernel, dict(shapes, BC=SUB, **intra_config(K, V, C))),
+        ("scores (forward)", _scores_kernel,
+         dict(no_v, BC=SUB, **pair_config(K, whole_head=True))),
+        ("inverse and factors (forward)", _intra_factors_kernel,
+         dict(shapes, BC=SUB, INVERT=True, **intra_config(K, V, C))),
         ("intra factors (backward)", _intra_factors_kernel,
-         dict(shapes, BC=SUB, **intra_config(K, V, C))),
+         dict(shapes, BC=SUB, INVERT=False, **intra_config(K, V, C))),
         ("state forward, output", _state_fwd_kernel,
          dict(shapes, HAS_H0=True, STORE_FINAL=True, STORE_O=True, STORE_H=False,
               **state_config(K, V))),
@@ -61,7 +66,10 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
          dict(shapes, HAS_DHT=True, STORE_DH0=True, **state_config(K, V))),
         ("grad chunk", _grad_chunk_kernel, dict(shapes, BC=SUB, **grad)),
         ("grad pairwise", _grad_pairwise_kernel,
-         dict({key: val for key, val in shapes.items() if key != "V"}, BC=SUB, **pairwise)),
+         dict(no_v, BC=SUB, **pair_config(K, whole_head=False))),
+        ("chunk reverse cumsum", _chunk_reverse_cumsum_kernel,
+         dict(K=K, C=C, BK=min(64, max(16, triton.next_power_of_2(K))), num_warps=4,
+              num_stages=1)),
     ]
 
 
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), action="append",
                         help="input dtype (repeatable; default bf16 and fp32)")
     args = parser.parse_args(argv)
-    if type(_intra_fwd_kernel).__name__ == "InterpretedFunction":
+    if type(_scores_kernel).__name__ == "InterpretedFunction":
         print("TRITON_INTERPRET is set: the kernels are interpreted, not compiled", file=sys.stderr)
         return 2
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -34,9 +34,6 @@ import triton.language as tl
 from deltatron.kernels.kda.triton_common import (
     SUB,
     ChunkLayout,
-    block_diag_gather,
-    block_row_sums,
-    boundary_decays,
     chunk_decays,
     IN_BLOCK_FACTOR_BOUND,
     in_block_decay_step,
@@ -45,6 +42,7 @@ from deltatron.kernels.kda.triton_common import (
     load_decays,
     load_rows,
     load_vector,
+    pair_config,
     store_rows,
 )
 
@@ -139,58 +137,95 @@ def _grad_chunk_kernel(
 @triton.jit
 def _grad_pairwise_kernel(
     q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
-    dq, dk, dg, dbeta, chunks, scale, H,
+    dq, dk, dbeta, chunks, scale, H,
     K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, H). Adds the decayed-score terms of dA_qk (scores scale*q_i . k_j) and dA_kk
-    (scores beta_i k_i . k_j) to the parts from _grad_chunk_kernel; writes dq, dk, dg, dbeta."""
-    NS: tl.constexpr = C // BC
+    """Grid (chunks, H, C // BC): one program per sub-block I of BC rows. Adds the decayed-score
+    terms of dA_qk (scores scale*q_i . k_j) and dA_kk (scores beta_i k_i . k_j) to the parts from
+    _grad_chunk_kernel for the rows of I; writes dq, dk, dbeta there and dG (before its reverse
+    cumsum over the chunk, which grad_pairwise runs next) over dg_part's rows of I.
+
+    Key channels BK at a time. The rows of I meet the earlier sub-blocks J as the row
+    side of the pairs (I, J) and the later ones M as the column side of (M, I); the decay of a
+    pair across blocks factors through the boundary after the earlier block,
+        exp(G_i - G_j) = e_in_I[i] * exp(totals of the blocks between) * e_out_J[j],
+    every factor an exp of a sum of g's <= 0 (sub_block_decays), so each pair of blocks is one
+    [BC, BC] x [BC, BK] product per score. Pairs inside I are handled as in the forward.
+    """
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
+    i_b = tl.program_id(2)
     t0 = tl.load(chunks + 2 * i_c)
     n = tl.load(chunks + 2 * i_c + 1)
-    rows = tl.arange(0, C)
-    cc = tl.arange(0, C)
-    sub_cols = tl.arange(0, BC)
-    local = rows % BC
-    first_of_block = (rows // BC) * BC
-    in_block_strict = ((rows // BC)[:, None] == (cc // BC)[None, :]) & (cc[None, :] < rows[:, None])
+    first = i_b * BC
+    if first >= n:  # a sub-block past a ragged chunk's end has no rows
+        return
+    local = tl.arange(0, BC)
+    rows = first + local
+    sk = H * K
     bt = load_vector(beta + i_h, t0, rows, n, H)
-    daq = load_rows(daqk + i_h * C, t0, rows, n, H * C, cc, C)
-    dak = load_rows(dakk + i_h * C, t0, rows, n, H * C, cc, C)
-    daq_diag = block_diag_gather(daq, C, BC)  # [C, BC]: the diagonal sub-blocks row by row
-    dak_diag = block_diag_gather(dak, C, BC)
+    db = load_vector(dbeta_part + i_h, t0, rows, n, H)
+    # dA tiles of the pairs inside I, the same for every block of key channels
+    daq_in = load_rows(daqk + i_h * C + first, t0, rows, n, H * C, local, BC)
+    dak_in = load_rows(dakk + i_h * C + first, t0, rows, n, H * C, local, BC)
+    strict = local[None, :] < local[:, None]
     # dA_qk[i, i]: the pair (i, i) has no decay (exp(0)), so it feeds dq and dk but not dg; it is
     # kept out of the dG sums, where it would be added and cancelled.
-    daq_ii = tl.sum(tl.where(sub_cols[None, :] == local[:, None], daq_diag, 0.0), 1)[:, None]
-    db = load_vector(dbeta_part + i_h, t0, rows, n, H)
+    daq_ii = tl.sum(tl.where(local[None, :] == local[:, None], daq_in, 0.0), 1)[:, None]
+    daq_in = tl.where(strict, daq_in, 0.0)
+    dak_in = tl.where(strict, dak_in, 0.0)
     for ik in range(tl.cdiv(K, BK)):
         ck = ik * BK + tl.arange(0, BK)
-        qt = load_rows(q + i_h * K, t0, rows, n, H * K, ck, K) * scale
-        kt = load_rows(k + i_h * K, t0, rows, n, H * K, ck, K)
-        g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
+        qt = load_rows(q + i_h * K, t0, rows, n, sk, ck, K) * scale
+        kt = load_rows(k + i_h * K, t0, rows, n, sk, ck, K)
         kbt = kt * bt[:, None]
-        # Pairs j < i only (the diagonal of A_qk is added at the end):
-        dqa = tl.zeros([C, BK], dtype=tl.float32)  # row side of A_qk (w.r.t. scale * q)
-        dkr = tl.zeros([C, BK], dtype=tl.float32)  # row side of A_kk, before beta_i
-        dkc = tl.zeros([C, BK], dtype=tl.float32)  # column side of A_qk and A_kk
-        e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
-        for b in tl.static_range(NS - 1):
-            left, right = boundary_decays(e_in, e_out, totals, b, rows, C, BC, BK)
-            kr = kt * right
-            dqa += left * tl.dot(daq, kr, input_precision=PREC)
-            dkr += left * tl.dot(dak, kr, input_precision=PREC)
-            col = tl.dot(tl.trans(daq), qt * left, input_precision=PREC)
-            col += tl.dot(tl.trans(dak), kbt * left, input_precision=PREC)
-            dkc += right * col
-        log_in = in_block_log_decay(g_t, g_next, C, BC, BK)
+        g_t, g_next = load_decays(g + i_h * K, t0, rows, n, sk, ck, K)
+        e_in, e_out, total = sub_block_decays(g_t, g_next, BC, BC, BK)
+
+        # Row side, earlier blocks J = I - 1 .. 0: dq and dk(A_kk rows) of I, before e_in.
+        dqa = tl.zeros([BC, BK], dtype=tl.float32)  # w.r.t. scale * q
+        dkr = tl.zeros([BC, BK], dtype=tl.float32)  # w.r.t. beta_i k_i, before beta
+        gap = tl.zeros([BK], dtype=tl.float32)  # sum of g over the blocks strictly between
+        for back in range(i_b):
+            jb = i_b - 1 - back
+            rows_j = jb * BC + local
+            g_j, gn_j = load_decays(g + i_h * K, t0, rows_j, n, sk, ck, K)
+            e_in_j, e_out_j, total_j = sub_block_decays(g_j, gn_j, BC, BC, BK)
+            kr = (load_rows(k + i_h * K, t0, rows_j, n, sk, ck, K) * e_out_j
+                  * tl.exp(gap)[None, :])
+            daq = load_rows(daqk + i_h * C + jb * BC, t0, rows, n, H * C, local, BC)
+            dak = load_rows(dakk + i_h * C + jb * BC, t0, rows, n, H * C, local, BC)
+            dqa += tl.dot(daq, kr, input_precision=PREC)
+            dkr += tl.dot(dak, kr, input_precision=PREC)
+            gap += tl.reshape(total_j, [BK])
+        dqa *= e_in
+        dkr *= e_in
+
+        # Column side, later blocks M = I + 1 ..: dk of I as the key of A_qk and A_kk, before
+        # e_out.
+        dkc = tl.zeros([BC, BK], dtype=tl.float32)
+        gap = tl.zeros([BK], dtype=tl.float32)
+        for mb in range(i_b + 1, tl.cdiv(n, BC)):
+            rows_m = mb * BC + local
+            g_m, gn_m = load_decays(g + i_h * K, t0, rows_m, n, sk, ck, K)
+            e_in_m, e_out_m, total_m = sub_block_decays(g_m, gn_m, BC, BC, BK)
+            left = e_in_m * tl.exp(gap)[None, :]
+            q_m = load_rows(q + i_h * K, t0, rows_m, n, sk, ck, K) * scale
+            kb_m = (load_rows(k + i_h * K, t0, rows_m, n, sk, ck, K)
+                    * load_vector(beta + i_h, t0, rows_m, n, H)[:, None])
+            daq = load_rows(daqk + i_h * C + first, t0, rows_m, n, H * C, local, BC)
+            dak = load_rows(dakk + i_h * C + first, t0, rows_m, n, H * C, local, BC)
+            dkc += tl.dot(tl.trans(daq), q_m * left, input_precision=PREC)
+            dkc += tl.dot(tl.trans(dak), kb_m * left, input_precision=PREC)
+            gap += tl.reshape(total_m, [BK])
+        dkc *= e_out
+
+        # Pairs inside I (j < i; the diagonal of A_qk is added at the end).
+        log_in = in_block_log_decay(g_t, g_next, BC, BC, BK)
         if tl.max(tl.abs(log_in)) <= IN_BLOCK_FACTOR_BOUND:
-            # In-block pairs j < i factored through the reference row (triton_common): the
-            # scores' gradients restricted to the diagonal sub-blocks, one product each.
+            # Factored through the sub-block's reference row (triton_common): one product each.
             out_in = tl.exp(log_in)
             in_out = tl.exp(-log_in)
-            daq_in = tl.where(in_block_strict, daq, 0.0)
-            dak_in = tl.where(in_block_strict, dak, 0.0)
             k_in = kt * in_out
             dqa += out_in * tl.dot(daq_in, k_in, input_precision=PREC)
             dkr += out_in * tl.dot(dak_in, k_in, input_precision=PREC)
@@ -199,32 +234,50 @@ def _grad_pairwise_kernel(
             dkc += in_out * col
         else:
             # Decays too strong to factor: column by column, products of exp(g) <= 1.
-            diag_decay = tl.zeros([C, BK], dtype=tl.float32)
+            decay = tl.zeros([BC, BK], dtype=tl.float32)
+            first_rows = first + tl.zeros([BC], dtype=tl.int32)
             for back in range(BC):
                 jj = BC - 1 - back
-                diag_decay = in_block_decay_step(diag_decay, g + i_h * K, t0, first_of_block,
-                                                 local[:, None], jj, n, H * K, ck, K)
-                decay = tl.where(local[:, None] > jj, diag_decay, 0.0)  # pairs j < i only
-                at_jj = sub_cols[None, :] == jj
-                aq = tl.sum(tl.where(at_jj, daq_diag, 0.0), 1)[:, None]  # dA_qk[i, blk*BC + jj]
-                ak = tl.sum(tl.where(at_jj, dak_diag, 0.0), 1)[:, None]
-                k_col = decay * load_rows(k + i_h * K, t0, first_of_block + jj, n, H * K, ck, K)
+                decay = in_block_decay_step(decay, g + i_h * K, t0, first_rows, local[:, None],
+                                            jj, n, sk, ck, K)
+                at_jj = local[None, :] == jj
+                # dA_qk[i, jj], 0 unless jj < i
+                aq = tl.sum(tl.where(at_jj, daq_in, 0.0), 1)[:, None]
+                ak = tl.sum(tl.where(at_jj, dak_in, 0.0), 1)[:, None]
+                k_col = decay * load_rows(k + i_h * K, t0, first_rows + jj, n, sk, ck, K)
                 dqa += aq * k_col
                 dkr += ak * k_col
-                col = block_row_sums((aq * qt + ak * kbt) * decay, C, BC, BK)
-                dkc += tl.where((local == jj)[:, None], col, 0.0)
-        dq_t = load_rows(dq_part + i_h * K, t0, rows, n, H * K, ck, K)
+                col = tl.sum((aq * qt + ak * kbt) * decay, 0)
+                dkc += tl.where((local == jj)[:, None], col[None, :], 0.0)
+
+        dq_t = load_rows(dq_part + i_h * K, t0, rows, n, sk, ck, K)
         dq_t += (dqa + daq_ii * kt) * scale
-        dk_t = load_rows(dk_part + i_h * K, t0, rows, n, H * K, ck, K)
+        dk_t = load_rows(dk_part + i_h * K, t0, rows, n, sk, ck, K)
         dk_t += dkr * bt[:, None] + dkc + daq_ii * qt
-        dgpos = load_rows(dg_part + i_h * K, t0, rows, n, H * K, ck, K)
+        dgpos = load_rows(dg_part + i_h * K, t0, rows, n, sk, ck, K)
         dgpos += qt * dqa + kbt * dkr - kt * dkc
         db += tl.sum(kt * dkr, 1)
-        store_rows(dq + i_h * K, dq_t, t0, rows, n, H * K, ck, K)
-        store_rows(dk + i_h * K, dk_t, t0, rows, n, H * K, ck, K)
-        store_rows(dg + i_h * K, tl.cumsum(dgpos, 0, reverse=True), t0, rows, n, H * K, ck, K)
+        store_rows(dq + i_h * K, dq_t, t0, rows, n, sk, ck, K)
+        store_rows(dk + i_h * K, dk_t, t0, rows, n, sk, ck, K)
+        store_rows(dg_part + i_h * K, dgpos, t0, rows, n, sk, ck, K)
     tl.store(dbeta + (t0 + rows).to(tl.int64) * H + i_h, db.to(dbeta.dtype.element_ty),
              mask=rows < n)
+
+
+@triton.jit
+def _chunk_reverse_cumsum_kernel(
+    x, out, chunks, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+):
+    """Grid (chunks, H, cdiv(K, BK)): out[i] = sum of x over rows i .. end of i's chunk (x fp32
+    [T_total, H, K]; out in its own dtype)."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    rows = tl.arange(0, C)
+    ck = tl.program_id(2) * BK + tl.arange(0, BK)
+    x_t = load_rows(x + i_h * K, t0, rows, n, H * K, ck, K)
+    store_rows(out + i_h * K, tl.cumsum(x_t, 0, reverse=True), t0, rows, n, H * K, ck, K)
 
 
 def grad_config(K: int, V: int, C: int) -> dict:
@@ -307,18 +360,21 @@ def grad_pairwise(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Second backward stage: the decayed-score terms, added to grad_chunk's parts (shapes
-    there). Returns dq, dk, dg, dbeta in the dtypes of q, k, g, beta."""
+    there; dg_part is overwritten with dG). Returns dq, dk, dg, dbeta in the dtypes of q, k, g,
+    beta."""
     T, H, K = q.shape
     C = daqk.shape[-1]
-    cfg = grad_config(K, K, C)
-    del cfg["BV"]  # the pairwise kernel has no value columns
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dg = torch.empty_like(g)
     dbeta = torch.empty_like(beta)
-    _grad_pairwise_kernel[(layout.num_chunks, H)](
+    _grad_pairwise_kernel[(layout.num_chunks, H, C // SUB)](
         q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
-        dq, dk, dg, dbeta, layout.chunks, scale, H,
-        K=K, C=C, BC=SUB, PREC=precision, **cfg,
+        dq, dk, dbeta, layout.chunks, scale, H,
+        K=K, C=C, BC=SUB, PREC=precision, **pair_config(K, whole_head=False),
+    )
+    BK = min(64, max(16, triton.next_power_of_2(K)))
+    _chunk_reverse_cumsum_kernel[(layout.num_chunks, H, triton.cdiv(K, BK))](
+        dg_part, dg, layout.chunks, H, K=K, C=C, BK=BK, num_warps=4, num_stages=1,
     )
     return dq, dk, dg, dbeta

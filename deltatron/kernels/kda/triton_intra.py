@@ -1,5 +1,5 @@
-"""Triton KDA, intra-chunk forward: decayed scores, the UT transform and W, U (one program per chunk
-and head, all chunks in parallel).
+"""Triton KDA, intra-chunk forward: decayed scores (one program per sub-block of 16 rows), then
+the UT transform and W, U (one program per chunk and head); all chunks in parallel.
 
 Per chunk of C tokens, with G_i = sum_{t <= i} g_t (chunk-local, per channel):
     A_kk[i, j] = beta_i sum_c k_i k_j exp(G_i - G_j)      j < i
@@ -21,7 +21,6 @@ from deltatron.kernels.kda.triton_common import (
     ChunkLayout,
     block_diag_gather,
     block_diag_spread,
-    boundary_decays,
     chunk_decays,
     IN_BLOCK_FACTOR_BOUND,
     in_block_decay_step,
@@ -30,71 +29,90 @@ from deltatron.kernels.kda.triton_common import (
     load_decays,
     load_rows,
     load_vector,
+    pair_config,
     store_rows,
 )
 
 
 @triton.jit
-def intra_scores(
-    q_ptr, k_ptr, g_ptr, t0, n, stride, scale,
+def _scores_kernel(
+    q, k, g, beta, aqk, akk, chunks, scale, H,
     K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Decayed scores of one chunk, without beta: (kk, qk), fp32 [C, C] each, zero above the
-    diagonal; kk[i, j] = sum_c k_i k_j exp(G_i - G_j) for j < i, qk the same with scale * q_i for
-    j <= i. Pointers are at this head's column 0; channels are processed BK at a time.
+    """Grid (chunks, H, C // BC): one program per sub-block I of BC rows writes rows I of
+        A_qk[i, j] = sum_c scale q_i k_j exp(G_i - G_j)          j <= i
+        A_kk[i, j] = beta_i sum_c k_i k_j exp(G_i - G_j)         j < i
+    ([T_total, H, C] fp32, zero above the diagonal). All key channels at once (BK >= K).
 
-    Pairs in different sub-blocks of BC tokens go through a boundary between them (one [C, C]
-    product per boundary, boundary_decays); pairs inside a sub-block are one [C, C] product
-    through the sub-block's reference row (in_block_log_decay) when its decays are bounded, else
-    formed column by column (in_block_decay_step), gathered as [C, BC] and spread to the diagonal
-    sub-blocks at the end.
+    A pair across sub-blocks (J < I) factors through the boundary after J:
+    exp(G_i - G_j) = e_in_I[i] * exp(totals of the blocks between) * e_out_J[j], every factor an
+    exp of a sum of g's <= 0 (sub_block_decays): one [BC, BK] x [BK, BC] product per block pair
+    and score. Pairs inside I go through I's reference row (in_block_log_decay) when its decays
+    are bounded, else column by column (in_block_decay_step).
     """
-    NS: tl.constexpr = C // BC
-    rows = tl.arange(0, C)
-    sub_cols = tl.arange(0, BC)
-    first_of_block = (rows // BC) * BC
-    local_col = (rows % BC)[:, None]
-    same_block = (rows // BC)[:, None] == (rows // BC)[None, :]
-    in_block_strict = same_block & (rows[None, :] < rows[:, None])
-    in_block_incl = same_block & (rows[None, :] <= rows[:, None])
-    kk = tl.zeros([C, C], dtype=tl.float32)
-    qk = tl.zeros([C, C], dtype=tl.float32)
-    kk_diag = tl.zeros([C, BC], dtype=tl.float32)  # kk[i, block(i) * BC + c]
-    qk_diag = tl.zeros([C, BC], dtype=tl.float32)
-    for ik in range(tl.cdiv(K, BK)):
-        cols = ik * BK + tl.arange(0, BK)
-        qt = load_rows(q_ptr, t0, rows, n, stride, cols, K) * scale
-        kt = load_rows(k_ptr, t0, rows, n, stride, cols, K)
-        g, g_next = load_decays(g_ptr, t0, rows, n, stride, cols, K)
-        e_in, e_out, totals = sub_block_decays(g, g_next, C, BC, BK)
-        for b in tl.static_range(NS - 1):
-            left, right = boundary_decays(e_in, e_out, totals, b, rows, C, BC, BK)
-            k_right = tl.trans(kt * right)
-            kk += tl.dot(kt * left, k_right, input_precision=PREC)
-            qk += tl.dot(qt * left, k_right, input_precision=PREC)
-        log_in = in_block_log_decay(g, g_next, C, BC, BK)
-        if tl.max(tl.abs(log_in)) <= IN_BLOCK_FACTOR_BOUND:
-            # In-block pairs factored through the reference row: one product for all of them
-            # (the entries outside the diagonal sub-blocks are discarded, never multiplied).
-            k_in = tl.trans(kt * tl.exp(-log_in))
-            out_in = tl.exp(log_in)
-            kk += tl.where(in_block_strict, tl.dot(kt * out_in, k_in, input_precision=PREC), 0.0)
-            qk += tl.where(in_block_incl, tl.dot(qt * out_in, k_in, input_precision=PREC), 0.0)
-        else:
-            # Decays too strong to factor: column by column, products of exp(g) <= 1.
-            decay = tl.zeros([C, BK], dtype=tl.float32)
-            for back in range(BC):
-                jj = BC - 1 - back
-                decay = in_block_decay_step(decay, g_ptr, t0, first_of_block, local_col, jj, n,
-                                            stride, cols, K)
-                k_col = decay * load_rows(k_ptr, t0, first_of_block + jj, n, stride, cols, K)
-                at_jj = sub_cols[None, :] == jj
-                kk_diag += tl.where(at_jj, tl.sum(kt * k_col, 1)[:, None], 0.0)
-                qk_diag += tl.where(at_jj, tl.sum(qt * k_col, 1)[:, None], 0.0)
-    local = (rows % BC)[:, None]
-    kk += block_diag_spread(tl.where(sub_cols[None, :] < local, kk_diag, 0.0), C, BC)
-    qk += block_diag_spread(tl.where(sub_cols[None, :] <= local, qk_diag, 0.0), C, BC)
-    return kk, qk
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_b = tl.program_id(2)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    first = i_b * BC
+    if first >= n:  # a sub-block past a ragged chunk's end has no rows
+        return
+    local = tl.arange(0, BC)
+    rows = first + local
+    ck = tl.arange(0, BK)
+    sk = H * K
+    qt = load_rows(q + i_h * K, t0, rows, n, sk, ck, K) * scale
+    kt = load_rows(k + i_h * K, t0, rows, n, sk, ck, K)
+    kbt = kt * load_vector(beta + i_h, t0, rows, n, H)[:, None]
+    g_t, g_next = load_decays(g + i_h * K, t0, rows, n, sk, ck, K)
+    e_in, e_out, total = sub_block_decays(g_t, g_next, BC, BC, BK)
+    q_in = qt * e_in
+    k_in = kbt * e_in
+
+    gap = tl.zeros([BK], dtype=tl.float32)  # sum of g over the blocks strictly between
+    for back in range(i_b):
+        jb = i_b - 1 - back
+        rows_j = jb * BC + local
+        g_j, gn_j = load_decays(g + i_h * K, t0, rows_j, n, sk, ck, K)
+        e_in_j, e_out_j, total_j = sub_block_decays(g_j, gn_j, BC, BC, BK)
+        kr = tl.trans(load_rows(k + i_h * K, t0, rows_j, n, sk, ck, K) * e_out_j
+                      * tl.exp(gap)[None, :])
+        store_rows(aqk + i_h * C + jb * BC, tl.dot(q_in, kr, input_precision=PREC),
+                   t0, rows, n, H * C, local, BC)
+        store_rows(akk + i_h * C + jb * BC, tl.dot(k_in, kr, input_precision=PREC),
+                   t0, rows, n, H * C, local, BC)
+        gap += tl.reshape(total_j, [BK])
+
+    strict = local[None, :] < local[:, None]
+    incl = local[None, :] <= local[:, None]
+    log_in = in_block_log_decay(g_t, g_next, BC, BC, BK)
+    if tl.max(tl.abs(log_in)) <= IN_BLOCK_FACTOR_BOUND:
+        # In-block pairs factored through the reference row: one product for all of them.
+        out_in = tl.exp(log_in)
+        k_ref = tl.trans(kt * tl.exp(-log_in))
+        qk = tl.where(incl, tl.dot(qt * out_in, k_ref, input_precision=PREC), 0.0)
+        kk = tl.where(strict, tl.dot(kbt * out_in, k_ref, input_precision=PREC), 0.0)
+    else:
+        # Decays too strong to factor: column by column, products of exp(g) <= 1.
+        qk = tl.zeros([BC, BC], dtype=tl.float32)
+        kk = tl.zeros([BC, BC], dtype=tl.float32)
+        decay = tl.zeros([BC, BK], dtype=tl.float32)
+        first_rows = first + tl.zeros([BC], dtype=tl.int32)
+        for back in range(BC):
+            jj = BC - 1 - back
+            decay = in_block_decay_step(decay, g + i_h * K, t0, first_rows, local[:, None], jj,
+                                        n, sk, ck, K)
+            k_col = decay * load_rows(k + i_h * K, t0, first_rows + jj, n, sk, ck, K)
+            at_jj = local[None, :] == jj
+            qk += tl.where(at_jj & incl, tl.sum(qt * k_col, 1)[:, None], 0.0)
+            kk += tl.where(at_jj & strict, tl.sum(kbt * k_col, 1)[:, None], 0.0)
+    store_rows(aqk + i_h * C + first, qk, t0, rows, n, H * C, local, BC)
+    store_rows(akk + i_h * C + first, kk, t0, rows, n, H * C, local, BC)
+    zeros = tl.zeros([BC, BC], dtype=tl.float32)
+    for jb in range(i_b + 1, C // BC):  # right of the diagonal block
+        store_rows(aqk + i_h * C + jb * BC, zeros, t0, rows, n, H * C, local, BC)
+        store_rows(akk + i_h * C + jb * BC, zeros, t0, rows, n, H * C, local, BC)
 
 
 @triton.jit
@@ -157,45 +175,24 @@ def intra_factors(
 
 
 @triton.jit
-def _intra_fwd_kernel(
-    q, k, v, g, beta, aqk, w, u, qg, kg, gc, ainv, chunks, scale, H,
+def _intra_factors_kernel(
+    q, k, v, g, beta, ainv, w, u, qg, kg, gc, chunks, scale, H,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INVERT: tl.constexpr,
 ):
-    """Grid (chunks, H). Writes A_qk and A_inv [T_total, H, C], W, Qg, Kg [T_total, H, K],
-    U [T_total, H, V] and gC [NC, H, K]."""
+    """Grid (chunks, H). W, U, Qg, Kg and gC of every chunk from A_inv. INVERT (the forward):
+    ainv holds _scores_kernel's beta-scaled A_kk on entry and is overwritten with
+    A_inv = (I + A_kk)^-1; else (the backward's recomputation) it holds the forward's A_inv."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     t0 = tl.load(chunks + 2 * i_c)
     n = tl.load(chunks + 2 * i_c + 1)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
-
-    kk, qk = intra_scores(
-        q + i_h * K, k + i_h * K, g + i_h * K, t0, n, H * K, scale, K, C, BC, BK, PREC
-    )
-    store_rows(aqk + i_h * C, qk, t0, rows, n, H * C, cc, C)
-    bt = load_vector(beta + i_h, t0, rows, n, H)
-    a_inv = unit_lower_inverse(kk * bt[:, None], C, BC, PREC)
-    store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
-    intra_factors(q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
-                  K, V, C, BC, BK, BV, PREC)
-
-
-@triton.jit
-def _intra_factors_kernel(
-    q, k, v, g, beta, ainv, w, u, qg, kg, gc, chunks, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """Grid (chunks, H). The backward's recomputation: W, U, Qg, Kg and gC from the A_inv the
-    forward kept (no scores, no inverse)."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
-    rows = tl.arange(0, C)
-    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, tl.arange(0, C), C)
+    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
+    if INVERT:
+        a_inv = unit_lower_inverse(a_inv, C, BC, PREC)
+        store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
     bt = load_vector(beta + i_h, t0, rows, n, H)
     intra_factors(q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
                   K, V, C, BC, BK, BV, PREC)
@@ -277,10 +274,14 @@ def intra_chunk_fwd(
         ainv=torch.empty((T, H, C), **f32),
         **_factor_buffers(q, v, layout.num_chunks),
     )
-    _intra_fwd_kernel[(layout.num_chunks, H)](
-        q, k, v, g, beta, out.aqk, out.w, out.u, out.qg, out.kg, out.gc, out.ainv,
-        layout.chunks, scale, H,
-        K=K, V=V, C=C, BC=SUB, PREC=precision, **intra_config(K, V, C),
+    grid = (layout.num_chunks, H)
+    _scores_kernel[grid + (C // SUB,)](
+        q, k, g, beta, out.aqk, out.ainv, layout.chunks, scale, H,
+        K=K, C=C, BC=SUB, PREC=precision, **pair_config(K, whole_head=True),
+    )
+    _intra_factors_kernel[grid](
+        q, k, v, g, beta, out.ainv, out.w, out.u, out.qg, out.kg, out.gc, layout.chunks, scale, H,
+        K=K, V=V, C=C, BC=SUB, PREC=precision, INVERT=True, **intra_config(K, V, C),
     )
     return out
 
@@ -305,6 +306,6 @@ def intra_chunk_factors(
     out = IntraChunk(aqk=aqk, ainv=ainv, **_factor_buffers(q, v, layout.num_chunks))
     _intra_factors_kernel[(layout.num_chunks, H)](
         q, k, v, g, beta, ainv, out.w, out.u, out.qg, out.kg, out.gc, layout.chunks, scale, H,
-        K=K, V=V, C=C, BC=SUB, PREC=precision, **intra_config(K, V, C),
+        K=K, V=V, C=C, BC=SUB, PREC=precision, INVERT=False, **intra_config(K, V, C),
     )
     return out
