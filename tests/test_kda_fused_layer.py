@@ -20,11 +20,18 @@ from deltatron.model.model import build_model
 from test_model import SMALL, logits_and_grads, small_batch
 
 
-def fused_kernels(monkeypatch):
-    """Route the layer through the kernels' autograd functions, as it does for CUDA tensors."""
+def require_interpreter() -> None:
+    """These tests run the Triton kernels on CPU tensors: on a GPU machine (no TRITON_INTERPRET)
+    the layer takes the kernels by itself, and tests/test_kda_triton.py and the kernel tests
+    check them there."""
     triton_chunk = pytest.importorskip("deltatron.kernels.kda.triton_chunk", reason="needs triton")
     if not triton_chunk._INTERPRETED:
         pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (conftest sets it)")
+
+
+def fused_kernels(monkeypatch):
+    """Route the layer through the kernels' autograd functions, as it does for CUDA tensors."""
+    require_interpreter()
     from deltatron.kernels.kda_gating import _DecayGate, _GatedRMSNorm
     from deltatron.kernels.short_conv import L2_EPS, ShortConvSiLU
     from deltatron.model import kda as kda_module
@@ -52,6 +59,7 @@ def fused_kernels(monkeypatch):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["documents", "batch"])
 def test_fused_kda_layer_matches_the_eager_path(seeded, monkeypatch, packed):
+    require_interpreter()  # before the eager reference, which runs on CPU tensors
     cfg = ModelConfig(**SMALL)
     model = build_model(cfg)
     n_kda = sum(type(l.self_attention).__name__ == "KimiDeltaAttention" for l in model.decoder.layers)

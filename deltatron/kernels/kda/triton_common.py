@@ -106,10 +106,12 @@ def dot_precision(*dtypes: torch.dtype) -> str:
 def pair_config(K: int, whole_head: bool) -> dict:
     """Tiles of the per-sub-block kernels, [SUB, BK]: triton_intra._scores_kernel takes every key
     channel at once (whole_head: K padded to a power of two, at least 32), the pairwise backward
-    64 at a time. Warps chosen for no sm_90 register spills at K = 128 (triton_compile_check)."""
+    32 at a time. Measured on an H200 at K = 128 (bench/kda_tiles.py, bench/results/
+    kda_tiles_h200.json): the pairwise kernel takes 9.9 ms with BK = 32 and 4 warps, 10.9 with
+    64 and 4, 18.7 with 64 and 8, 25.4 with 32 and 8; scores 4.0 ms with 4 warps, 7.1 with 8."""
     BK = max(32, triton.next_power_of_2(K))
     if not whole_head:
-        return dict(BK=min(BK, 64), num_warps=8, num_stages=1)
+        return dict(BK=32, num_warps=4, num_stages=1)
     return dict(BK=BK, num_warps=4 if BK <= 128 else 8, num_stages=1)
 
 
