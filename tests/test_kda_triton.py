@@ -252,15 +252,21 @@ def test_dispatch_and_validation():
 
 @pytest.mark.skipif(INTERPRET, reason="long sequences need compiled kernels on a CUDA GPU")
 @pytest.mark.parametrize(
-    "B, T, cu",
+    "B, T, H, cu",
     [
-        pytest.param(2, 4096, None, id="B2-T4k"),
-        pytest.param(1, 65536, None, id="B1-T64k"),
-        pytest.param(1, 16384, [0, 1, 700, 4096, 4160, 12000, 16384], id="varlen-T16k"),
+        pytest.param(2, 4096, 4, None, id="B2-T4k"),
+        pytest.param(1, 65536, 4, None, id="B1-T64k"),
+        pytest.param(1, 16384, 4, [0, 1, 700, 4096, 4160, 12000, 16384], id="varlen-T16k"),
+        pytest.param(8, 2048, 32, None, id="B8-H32-T2k"),  # many sequences x heads: BV 64
     ],
 )
-def test_realistic_shapes_bf16_against_fp32(B, T, cu):
-    H, D = 4, 128
+def test_realistic_shapes_bf16_against_fp32(B, T, H, cu):
+    from deltatron.kernels.kda.triton_state import _state_launch
+
+    D = 128
+    N = B if cu is None else len(cu) - 1
+    # the state passes split the value columns finer when there are few sequences x heads
+    assert _state_launch(D, D, N, H, torch.device("cuda"))["BV"] == (64 if N * H >= 128 else 32)
     gen = torch.Generator(device="cuda").manual_seed(7)
     shape = (B, T, H, D)
     q = F.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1).bfloat16()
@@ -270,7 +276,6 @@ def test_realistic_shapes_bf16_against_fp32(B, T, cu):
         torch.randn(shape, device="cuda", generator=gen) - 2
     )
     beta = torch.sigmoid(torch.randn(shape[:3], device="cuda", generator=gen))
-    N = B if cu is None else len(cu) - 1
     init = torch.randn(N, H, D, D, device="cuda", generator=gen) * 0.1
     w_o = torch.randn(shape, device="cuda", generator=gen)
     w_s = torch.randn(N, H, D, D, device="cuda", generator=gen)

@@ -122,22 +122,30 @@ def _state_bwd_kernel(
         tl.store(dh0 + seq_state + state_offs, ds, mask=state_mask)
 
 
-def state_config(K: int, V: int) -> dict:
+def state_config(K: int, V: int, seq_heads: Optional[int] = None,
+                 multiprocessors: int = 0) -> dict:
     """Block sizes and warps of both state kernels. The whole key dimension is one tile; value
-    columns go 32 at a time so that one long sequence still spreads over H * V / 32 programs.
-    One pipeline stage: two stages of the fp32 [C, K] tiles would not fit in shared memory at
-    K = 128 (sm_90: 256 KiB asked, 227 KiB there), so the next chunk's loads only overlap with
-    the current chunk's work as far as the hardware reorders them. 4 warps up to K = 128: on an
-    H200 at K = V = 128 (bench/kda_tiles.py, B8 T4k H32) forward + backward took 43.5 ms against
-    46.4 with 8 warps; BV 16 with 8 warps and BV 64 with 8 warps crashed there (an illegal memory
-    access, Triton 3.6)."""
+    columns go 64 at a time, or 32 when that leaves fewer programs (seq_heads = sequences x
+    heads, times the value blocks) than the GPU has multiprocessors, so that one long sequence
+    still spreads over the GPU (seq_heads None: many). On an H200 at K = V = 128, B8 T4k H32
+    (bench/kda_tiles.py, whole operator) BV 64 took forward + backward to 34.3 ms from 38.7 at
+    BV 32 (each program re-reads W, Qg and Kg, so fewer value blocks read less), BV 16 to 47.7;
+    4 warps up to K = 128 (43.5 ms against 46.4 at 8 warps, BV 32), and with 8 warps BV 16 and
+    BV 64 crashed there (an illegal memory access, Triton 3.6). One pipeline stage: two stages
+    of the fp32 [C, K] tiles would not fit in shared memory at K = 128 (sm_90: 256 KiB asked,
+    227 KiB there), so the next chunk's loads only overlap with the current chunk's work as far
+    as the hardware reorders them."""
     bk = max(16, triton.next_power_of_2(K))
-    return dict(
-        BK=bk,
-        BV=min(32, max(16, triton.next_power_of_2(V))),
-        num_warps=4 if bk <= 128 else 8,
-        num_stages=1,
-    )
+    bv = min(32, max(16, triton.next_power_of_2(V)))
+    if V >= 64 and (seq_heads is None or seq_heads * triton.cdiv(V, 64) >= multiprocessors):
+        bv = 64
+    return dict(BK=bk, BV=bv, num_warps=4 if bk <= 128 else 8, num_stages=1)
+
+
+def _state_launch(K: int, V: int, N: int, H: int, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
+    return state_config(K, V, N * H, sms)
 
 
 def state_fwd(
@@ -160,8 +168,8 @@ def state_fwd(
     V = ic.u.shape[-1]
     C = ic.aqk.shape[-1]
     N = layout.seq_offsets.shape[0] - 1
-    cfg = state_config(K, V)
     dev = ic.w.device
+    cfg = _state_launch(K, V, N, H, dev)
     f32 = dict(dtype=torch.float32, device=dev)
     o = torch.empty((T, H, V), dtype=out_dtype, device=dev) if output else None
     ht = torch.empty((N, H, K, V), **f32) if final_state else None
@@ -199,7 +207,7 @@ def state_bwd(
     V = do.shape[-1]
     C = ic.aqk.shape[-1]
     N = layout.seq_offsets.shape[0] - 1
-    cfg = state_config(K, V)
+    cfg = _state_launch(K, V, N, H, do.device)
     f32 = dict(dtype=torch.float32, device=do.device)
     dh = torch.empty((layout.num_chunks, H, K, V), **f32)
     dvnew = torch.empty((T, H, V), **f32)
