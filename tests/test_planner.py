@@ -309,7 +309,8 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded, monkey
     the tiny model (fp32, CPU): the dense MLP exactly; the MoE layer within 10% (routing decides
     the expert-side counts; no imbalance factor here); KDA within 2% on the path a GPU runs: its
     fused short-convolution and gating kernels and the Triton recurrence, run here by the Triton
-    interpreter (on CPU the layer would otherwise take the eager references, which keep more)."""
+    interpreter (on CPU the layer would otherwise take the eager references, which keep more);
+    likewise the MLPs' fused SwiGLU."""
     import torch
 
     from deltatron.model.model import build_model
@@ -318,6 +319,11 @@ def test_activation_items_match_the_tensors_autograd_saves_on_cpu(seeded, monkey
     from test_kda_fused_layer import fused_kernels
 
     fused_kernels(monkeypatch)
+    from deltatron.kernels.swiglu import _SwiGLU
+    from deltatron.model import grouped_experts, mlp
+
+    monkeypatch.setattr(mlp, "swiglu", lambda x: _SwiGLU.apply(x, None))
+    monkeypatch.setattr(grouped_experts, "swiglu", _SwiGLU.apply)
     cfg = _model("tiny")
     model = build_model(cfg)
     param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from deltatron.kernels.swiglu import swiglu
+
 # Rows per expert group are rounded up to this many: 8 bf16 rows = 16 bytes of leading dimension
 # for the grouped kernel's operands; 16 also keeps fp8-style alignment for later use.
 ALIGN_TOKENS = 16
@@ -71,9 +73,7 @@ def grouped_swiglu(
     GLU order); w2: [E, d, f]. Returns [M, d] in x's dtype.
     """
     h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)  # [M, 2f]
-    gate, up = torch.chunk(h, 2, dim=-1)
-    h = F.silu(gate) * up
-    h = (h * probs.unsqueeze(-1)).to(x.dtype)  # megatron-core's MLP: scale in the probs' dtype
+    h = swiglu(h, probs)  # megatron-core's MLP: silu(gate) * up, times the probs in their dtype
     return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [M, d]
 
 

@@ -18,7 +18,7 @@ from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_layer import (
 from deltatron.model.grouped_experts import GroupedGemmExperts
 from deltatron.model.kda import KDASubmodules, KimiDeltaAttention
 from deltatron.model.mla import KimiMLASelfAttention, SDPACoreAttention
+from deltatron.model.mlp import SwiGLUMLP
 from deltatron.model.norm import RMSNorm
 
 
@@ -183,7 +184,7 @@ def kimi_linear_stack_spec(
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=b.pre_mlp_norm,
             mlp=partial(
-                MLP.as_mlp_submodule,
+                SwiGLUMLP.as_mlp_submodule,
                 submodules=MLPSubmodules(linear_fc1=b.mlp_fc1, linear_fc2=b.row),
             ),
             mlp_bda=bda,

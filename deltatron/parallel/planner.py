@@ -307,25 +307,27 @@ def _context_parallel_items(cfg: ModelConfig, a: int, cp: int) -> dict[str, Item
 
 
 def _mlp_items(cfg: ModelConfig, a: int) -> Items:
-    """SwiGLU MLP (megatron-core's MLP): the pre-norm's tensors (`_norm`) and its output (fc1's
-    input); fc1's output (gate and up), two ffn-wide tensors of megatron-core's glu and fc2's
-    input: 5 x ffn per token (counted with saved-tensor hooks on CPU)."""
-    return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=5 * a * cfg.dense_ffn_hidden_size)
+    """SwiGLU MLP (deltatron.model.mlp, the fused activation a GPU runs): the pre-norm's tensors
+    (`_norm`) and its output (fc1's input); fc1's output (gate and up, which the fused SwiGLU
+    keeps) and fc2's input: 3 x ffn per token (counted with saved-tensor hooks, the kernel run by
+    the Triton interpreter; megatron-core's eager glu on CPU keeps 5)."""
+    return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=3 * a * cfg.dense_ffn_hidden_size)
 
 
 def _moe_items(cfg: ModelConfig, a: int) -> Items:
     """megatron-core MoE layer: the pre-norm's tensors (`_norm`) and its output; the router in
     fp32 (its input cast to fp32, logits, sigmoid scores, normalised probabilities); the shared
     expert as a SwiGLU MLP; per routed copy of a token, with grouped GEMMs
-    (deltatron.model.grouped_experts): fc1's input, fc1's output, SiLU output, its product with
-    up, fc2's input, the routing prob (fp32) and two int64 row indices; with megatron-core's
+    (deltatron.model.grouped_experts, the fused SwiGLU a GPU runs): the dispatched input and its
+    copy in the expert-padded rows (fc1's input), fc1's output, fc2's input, the routing prob
+    (fp32) and two int64 row indices; with megatron-core's
     per-expert loop: the dispatched input, fc1's output, SiLU output, fc2's input and the expert
     output kept for the probability-weighted combine. (The grouped path's padding of every
     expert's rows to a multiple of 16 adds at most 15 rows per expert and layer: under 1% at
     training shapes, not counted.)"""
     h, fe = cfg.hidden_size, cfg.moe_ffn_hidden_size
     router = 4 * h + 3 * 4 * cfg.num_experts
-    routed = a * h + 5 * a * fe + 4 + 2 * 8 if cfg.moe_grouped_gemm else 2 * a * h + 4 * a * fe
+    routed = 2 * a * h + 3 * a * fe + 4 + 2 * 8 if cfg.moe_grouped_gemm else 2 * a * h + 4 * a * fe
     return Items(
         replicated=(_norm(a) + a) * h + router,
         sharded=4 * a * fe * cfg.num_shared_experts,

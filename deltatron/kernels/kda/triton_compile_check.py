@@ -1,5 +1,5 @@
 """Compile the Triton KDA kernels for an NVIDIA architecture without launching them (no GPU needed):
-the recurrence's and those of the layer around it (short convolutions, gates).
+the recurrence's and those of the layers around it (short convolutions, gates, the MLPs' SwiGLU).
 
 For the block sizes and warps the launchers use, this checks that every kernel builds for the
 target and fits its shared memory, and reports ptxas's register and spill counts: the part of
@@ -76,7 +76,8 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
 def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, object, dict, dict]]:
     """(label, kernel, constexprs and launch options, argument types) of the KDA layer's fused
     kernels around the recurrence (deltatron.kernels.short_conv, deltatron.kernels.kda_gating)
-    as their launchers call them, activations in `dtype`, head dim `head_dim`."""
+    and of the MLPs' SwiGLU (deltatron.kernels.swiglu) as their launchers call them, activations
+    in `dtype`, head dim `head_dim`."""
     from deltatron.kernels import kda_gating, short_conv
 
     act = "*" + _TRITON_DTYPE[dtype]
@@ -104,6 +105,16 @@ def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, o
         ("gated norm fwd", kda_gating._norm_fwd_kernel, dict(gating, V=head_dim), norm),
         ("gated norm bwd", kda_gating._norm_bwd_kernel, dict(gating, V=head_dim), norm),
     ]
+    from deltatron.kernels import swiglu
+
+    glu = dict(X=act, P="*fp32", Y=act, DY=act, DX=act, DP="*fp32", NF="i32", TILES="i32")
+    for scaled in (False, True):  # the dense MLP's and the MoE experts' (routing weight per row)
+        consts = dict(HAS_SCALE=scaled, BF=swiglu.BLOCK_F, num_warps=swiglu.NUM_WARPS, num_stages=1)
+        tag = "expert " if scaled else ""
+        out += [
+            (f"{tag}swiglu fwd", swiglu._swiglu_fwd_kernel, consts, glu),
+            (f"{tag}swiglu bwd", swiglu._swiglu_bwd_kernel, consts, glu),
+        ]
     return out
 
 

@@ -1,0 +1,41 @@
+"""The dense MLP: megatron-core's MLP (its linears, TE or local, checkpoint layout and recompute
+unchanged) with the gated SiLU between them fused (deltatron.kernels.swiglu).
+
+megatron-core computes the activation eagerly unless Transformer Engine's activation module or its
+torch.compile'd bias_swiglu is configured; the eager form is four full-size passes over strided
+views forward and more backward. The fused kernel is taken whenever the configuration is the plain
+SwiGLU it computes; anything else (biases, clamps, offsets, per-token scales, TE's activation
+module) runs megatron-core's forward as it is.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from megatron.core.transformer.mlp import MLP
+
+from deltatron.kernels.swiglu import swiglu
+
+
+class SwiGLUMLP(MLP):
+    """megatron-core's MLP whose SwiGLU runs deltatron.kernels.swiglu.
+
+    forward(hidden_states [S, B, h]) -> (output [S, B, h], None), as MLP.forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        self.fused_swiglu = (
+            cfg.gated_linear_unit
+            and cfg.activation_func is F.silu
+            and not cfg.add_bias_linear
+            and not cfg.use_te_activation_func
+            and not cfg.bias_activation_fusion
+            and getattr(cfg, "activation_func_clamp_value", None) is None
+            and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
+        )
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if not self.fused_swiglu or per_token_scale is not None:
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        intermediate, _ = self.linear_fc1(hidden_states)
+        return self.linear_fc2(swiglu(intermediate))
