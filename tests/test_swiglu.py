@@ -69,9 +69,9 @@ def test_reference_is_megatron_cores_glu():
 
 
 def test_dense_mlp_is_megatron_cores_mlp_with_the_fused_activation(seeded, monkeypatch):
-    """The model's dense MLP gives megatron-core's MLP.forward result on the same module: exactly
-    on the eager path, and within fp32 rounding (values and every gradient) through the fused
-    kernel (interpreted on CPU)."""
+    """The model's dense MLP gives megatron-core's MLP.forward result on the same module (CPU
+    tensors): exactly on the eager path, and within fp32 rounding (values and every gradient)
+    through the fused kernel run by the interpreter."""
     from megatron.core.transformer.mlp import MLP
 
     from deltatron.model import mlp as mlp_module
@@ -84,6 +84,7 @@ def test_dense_mlp_is_megatron_cores_mlp_with_the_fused_activation(seeded, monke
     assert mlps and all(m.fused_swiglu for m in mlps)
     m = mlps[0]
     x = torch.randn(6, 2, m.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    x = x.to(next(m.parameters()).device)  # the default device (CUDA on a GPU machine)
 
     def run(forward):
         m.zero_grad(set_to_none=True)
@@ -94,8 +95,9 @@ def test_dense_mlp_is_megatron_cores_mlp_with_the_fused_activation(seeded, monke
         return [out.detach(), xs.grad] + [p.grad for p in m.parameters()]
 
     ref = run(MLP.forward)
+    monkeypatch.setattr(mlp_module, "swiglu", swiglu_reference)  # the path CPU tensors take
     assert all(torch.equal(a, b) for a, b in zip(run(mlp_module.SwiGLUMLP.forward), ref))
-    if INTERPRET:
+    if INTERPRET:  # (compiled, test_fused_swiglu_matches_reference checks the kernel on the GPU)
         from deltatron.kernels.swiglu import _SwiGLU
 
         monkeypatch.setattr(mlp_module, "swiglu", lambda h: _SwiGLU.apply(h, None))
