@@ -68,11 +68,13 @@ def test_reference_is_megatron_cores_glu():
     assert torch.equal(swiglu_reference(x, p), (F.silu(gate) * up * p.unsqueeze(-1)).to(x.dtype))
 
 
-def test_dense_mlp_is_megatron_cores_mlp_with_the_fused_activation(seeded, monkeypatch):
-    """The model's dense MLP gives megatron-core's MLP.forward result on the same module (CPU
-    tensors): exactly on the eager path, and within fp32 rounding (values and every gradient)
-    through the fused kernel run by the interpreter."""
+@pytest.mark.parametrize("kind", ["dense", "shared expert"])
+def test_mlps_are_megatron_cores_with_the_fused_activation(seeded, monkeypatch, kind):
+    """The model's dense MLP and its MoE layers' shared expert give megatron-core's MLP.forward
+    result on the same module: exactly on the eager path (the one CPU tensors take), and within
+    fp32 rounding (values and every gradient) through the fused kernel run by the interpreter."""
     from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
     from deltatron.model import mlp as mlp_module
     from deltatron.model.config import ModelConfig
@@ -80,26 +82,32 @@ def test_dense_mlp_is_megatron_cores_mlp_with_the_fused_activation(seeded, monke
     from test_model import SMALL
 
     model = build_model(ModelConfig(**SMALL))
-    mlps = [m for m in model.modules() if isinstance(m, mlp_module.SwiGLUMLP)]
+    shared = kind == "shared expert"
+    mlps = [m for m in model.modules() if isinstance(m, mlp_module.SwiGLUMLP)
+            and isinstance(m, SharedExpertMLP) == shared]
     assert mlps and all(m.fused_swiglu for m in mlps)
     m = mlps[0]
+    assert not shared or not m.use_shared_expert_gate  # else megatron-core's gate would follow
     x = torch.randn(6, 2, m.config.hidden_size, generator=torch.Generator().manual_seed(2))
     x = x.to(next(m.parameters()).device)  # the default device (CUDA on a GPU machine)
 
     def run(forward):
         m.zero_grad(set_to_none=True)
         xs = x.clone().requires_grad_()
-        out, bias = forward(m, xs)
-        assert bias is None
+        out = forward(m, xs)
+        out = out[0] if isinstance(out, tuple) else out  # MLP: (output, bias None)
         (out.square().sum()).backward()
         return [out.detach(), xs.grad] + [p.grad for p in m.parameters()]
 
     ref = run(MLP.forward)
-    monkeypatch.setattr(mlp_module, "swiglu", swiglu_reference)  # the path CPU tensors take
-    assert all(torch.equal(a, b) for a, b in zip(run(mlp_module.SwiGLUMLP.forward), ref))
+    model_forward = type(m).forward  # SharedExpertMLP.forward reaches SwiGLUMLP.forward
+    monkeypatch.setattr(mlp_module, "swiglu", swiglu_reference)
+    assert all(torch.equal(a, b) for a, b in zip(run(model_forward), ref))
     if INTERPRET:  # (compiled, test_fused_swiglu_matches_reference checks the kernel on the GPU)
         from deltatron.kernels.swiglu import _SwiGLU
 
-        monkeypatch.setattr(mlp_module, "swiglu", lambda h: _SwiGLU.apply(h, None))
-        for a, b in zip(run(mlp_module.SwiGLUMLP.forward), ref):
+        calls = []
+        monkeypatch.setattr(mlp_module, "swiglu", lambda h: calls.append(1) or _SwiGLU.apply(h, None))
+        for a, b in zip(run(model_forward), ref):
             assert rel_err(a, b) <= 1e-5
+        assert calls == [1]

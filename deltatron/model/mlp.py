@@ -5,13 +5,15 @@ megatron-core computes the activation eagerly unless Transformer Engine's activa
 torch.compile'd bias_swiglu is configured; the eager form is four full-size passes over strided
 views forward and more backward. The fused kernel is taken whenever the configuration is the plain
 SwiGLU it computes; anything else (biases, clamps, offsets, per-token scales, TE's activation
-module) runs megatron-core's forward as it is.
+module) runs megatron-core's forward as it is. The MoE layers' shared expert is megatron-core's
+SharedExpertMLP on top of the same forward (`build_shared_experts`).
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.shared_experts import FusedSharedExpertMLP, SharedExpertMLP
 
 from deltatron.kernels.swiglu import swiglu
 
@@ -39,3 +41,21 @@ class SwiGLUMLP(MLP):
             return super().forward(hidden_states, per_token_scale, **kwargs)
         intermediate, _ = self.linear_fc1(hidden_states)
         return self.linear_fc2(swiglu(intermediate))
+
+
+class SwiGLUSharedExpertMLP(SharedExpertMLP, SwiGLUMLP):
+    """megatron-core's SharedExpertMLP (its gate, overlap and checkpoint layout) whose
+    MLP.forward is SwiGLUMLP's: SharedExpertMLP.forward calls super().forward, which the method
+    order resolves to SwiGLUMLP.forward."""
+
+
+def build_shared_experts(*, config, pg_collection, gate: bool, submodules, name=None):
+    """megatron-core's shared-expert builder (moe_module_specs._build_shared_experts) with
+    SwiGLUSharedExpertMLP in place of SharedExpertMLP; its grouped-GEMM variant as it is."""
+    cls = (
+        FusedSharedExpertMLP
+        if getattr(config, "use_grouped_gemm_for_shared_expert", False)
+        else SwiGLUSharedExpertMLP
+    )
+    return cls(config=config, submodules=submodules, gate=gate, pg_collection=pg_collection,
+               name=name)

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_layer import (
 from deltatron.model.grouped_experts import GroupedGemmExperts
 from deltatron.model.kda import KDASubmodules, KimiDeltaAttention
 from deltatron.model.mla import KimiMLASelfAttention, SDPACoreAttention
-from deltatron.model.mlp import SwiGLUMLP
+from deltatron.model.mlp import SwiGLUMLP, build_shared_experts
 from deltatron.model.norm import RMSNorm
 
 
@@ -113,13 +113,17 @@ def moe_module_spec(use_te: bool, num_experts: int, grouped_gemm: bool):
     """megatron-core's MoE layer builder. With TE, its own experts (TEGroupedMLP when
     grouped_gemm); with local modules, our `GroupedGemmExperts` (the same parameters as
     megatron-core's local SequentialMLP, computed with torch._grouped_mm) when grouped_gemm,
-    else SequentialMLP."""
+    else SequentialMLP. The shared expert is megatron-core's with the fused SwiGLU
+    (deltatron.model.mlp.build_shared_experts)."""
     builder = get_moe_module_spec(use_te=use_te, num_experts=max(num_experts, 1), moe_grouped_gemm=grouped_gemm)
-    if use_te or not grouped_gemm:
-        return builder
-    sequential = builder.keywords["submodules"].experts  # partial(SequentialMLP, submodules=...)
-    experts = partial(GroupedGemmExperts, *sequential.args, **sequential.keywords)
-    return partial(builder.func, submodules=replace(builder.keywords["submodules"], experts=experts))
+    submodules = builder.keywords["submodules"]
+    shared = submodules.shared_experts  # partial(_build_shared_experts, submodules=...)
+    submodules = replace(submodules, shared_experts=partial(build_shared_experts, **shared.keywords))
+    if not use_te and grouped_gemm:
+        sequential = submodules.experts  # partial(SequentialMLP, submodules=...)
+        experts = partial(GroupedGemmExperts, *sequential.args, **sequential.keywords)
+        submodules = replace(submodules, experts=experts)
+    return partial(builder.func, submodules=submodules)
 
 
 def kimi_linear_stack_spec(

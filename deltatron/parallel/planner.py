@@ -330,7 +330,7 @@ def _moe_items(cfg: ModelConfig, a: int) -> Items:
     routed = 2 * a * h + 3 * a * fe + 4 + 2 * 8 if cfg.moe_grouped_gemm else 2 * a * h + 4 * a * fe
     return Items(
         replicated=(_norm(a) + a) * h + router,
-        sharded=4 * a * fe * cfg.num_shared_experts,
+        sharded=3 * a * fe * cfg.num_shared_experts,  # fc1's output and fc2's input, as _mlp_items
         routed=routed,
     )
 
