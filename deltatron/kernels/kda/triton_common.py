@@ -182,6 +182,33 @@ def sub_block_decays(g, g_next, C: tl.constexpr, BC: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
+def sub_block_program(chunks, BC: tl.constexpr):
+    """(i_c, i_h, i_b, t0, n, first) of a per-sub-block program, grid (chunks, H, C // BC): its
+    chunk, head and sub-block, the chunk's first token and valid rows, and the sub-block's first
+    row (first >= n: the sub-block lies past a ragged chunk's end, and the program has nothing
+    to do)."""
+    i_c = tl.program_id(0)
+    t0 = tl.load(chunks + 2 * i_c)
+    n = tl.load(chunks + 2 * i_c + 1)
+    i_b = tl.program_id(2)
+    return i_c, tl.program_id(1), i_b, t0, n, i_b * BC
+
+
+@triton.jit
+def earlier_block_keys(k_ptr, g_ptr, t0, jb, n, stride, cols, ncols, gap,
+                       BC: tl.constexpr, BK: tl.constexpr):
+    """The key side of the pairs (i, j) with j in sub-block jb and i in a later sub-block I, and
+    jb's total: k_j * e_out[j] * exp(gap) [BC, BK], where gap [BK] is the sum of g over the
+    sub-blocks strictly between jb and I, and sum of g over jb [BK] (the next gap's term).
+    With e_in of I's rows, exp(G_i - G_j) = e_in[i] * exp(gap) * e_out[j] (sub_block_decays)."""
+    rows = jb * BC + tl.arange(0, BC)
+    g, g_next = load_decays(g_ptr, t0, rows, n, stride, cols, ncols)
+    e_in, e_out, total = sub_block_decays(g, g_next, BC, BC, BK)
+    keys = load_rows(k_ptr, t0, rows, n, stride, cols, ncols) * e_out * tl.exp(gap)[None, :]
+    return keys, tl.reshape(total, [BK])
+
+
+@triton.jit
 def chunk_decays(e_in, e_out, totals, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """From sub_block_decays' parts, [C, BK] each:
 

@@ -39,6 +39,8 @@ from deltatron.kernels.kda.triton_common import (
     in_block_decay_step,
     in_block_log_decay,
     sub_block_decays,
+    sub_block_program,
+    earlier_block_keys,
     load_decays,
     load_rows,
     load_vector,
@@ -152,13 +154,8 @@ def _grad_pairwise_kernel(
     every factor an exp of a sum of g's <= 0 (sub_block_decays), so each pair of blocks is one
     [BC, BC] x [BC, BK] product per score. Pairs inside I are handled as in the forward.
     """
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_b = tl.program_id(2)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
-    first = i_b * BC
-    if first >= n:  # a sub-block past a ragged chunk's end has no rows
+    i_c, i_h, i_b, t0, n, first = sub_block_program(chunks, BC)
+    if first >= n:
         return
     local = tl.arange(0, BC)
     rows = first + local
@@ -188,16 +185,13 @@ def _grad_pairwise_kernel(
         gap = tl.zeros([BK], dtype=tl.float32)  # sum of g over the blocks strictly between
         for back in range(i_b):
             jb = i_b - 1 - back
-            rows_j = jb * BC + local
-            g_j, gn_j = load_decays(g + i_h * K, t0, rows_j, n, sk, ck, K)
-            e_in_j, e_out_j, total_j = sub_block_decays(g_j, gn_j, BC, BC, BK)
-            kr = (load_rows(k + i_h * K, t0, rows_j, n, sk, ck, K) * e_out_j
-                  * tl.exp(gap)[None, :])
+            kr, total_j = earlier_block_keys(k + i_h * K, g + i_h * K, t0, jb, n, sk, ck, K, gap,
+                                             BC, BK)
             daq = load_rows(daqk + i_h * C + jb * BC, t0, rows, n, H * C, local, BC)
             dak = load_rows(dakk + i_h * C + jb * BC, t0, rows, n, H * C, local, BC)
             dqa += tl.dot(daq, kr, input_precision=PREC)
             dkr += tl.dot(dak, kr, input_precision=PREC)
-            gap += tl.reshape(total_j, [BK])
+            gap += total_j
         dqa *= e_in
         dkr *= e_in
 

@@ -26,6 +26,8 @@ from deltatron.kernels.kda.triton_common import (
     in_block_decay_step,
     in_block_log_decay,
     sub_block_decays,
+    sub_block_program,
+    earlier_block_keys,
     load_decays,
     load_rows,
     load_vector,
@@ -50,13 +52,8 @@ def _scores_kernel(
     and score. Pairs inside I go through I's reference row (in_block_log_decay) when its decays
     are bounded, else column by column (in_block_decay_step).
     """
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_b = tl.program_id(2)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
-    first = i_b * BC
-    if first >= n:  # a sub-block past a ragged chunk's end has no rows
+    i_c, i_h, i_b, t0, n, first = sub_block_program(chunks, BC)
+    if first >= n:
         return
     local = tl.arange(0, BC)
     rows = first + local
@@ -73,16 +70,14 @@ def _scores_kernel(
     gap = tl.zeros([BK], dtype=tl.float32)  # sum of g over the blocks strictly between
     for back in range(i_b):
         jb = i_b - 1 - back
-        rows_j = jb * BC + local
-        g_j, gn_j = load_decays(g + i_h * K, t0, rows_j, n, sk, ck, K)
-        e_in_j, e_out_j, total_j = sub_block_decays(g_j, gn_j, BC, BC, BK)
-        kr = tl.trans(load_rows(k + i_h * K, t0, rows_j, n, sk, ck, K) * e_out_j
-                      * tl.exp(gap)[None, :])
+        keys, total_j = earlier_block_keys(k + i_h * K, g + i_h * K, t0, jb, n, sk, ck, K, gap,
+                                           BC, BK)
+        kr = tl.trans(keys)
         store_rows(aqk + i_h * C + jb * BC, tl.dot(q_in, kr, input_precision=PREC),
                    t0, rows, n, H * C, local, BC)
         store_rows(akk + i_h * C + jb * BC, tl.dot(k_in, kr, input_precision=PREC),
                    t0, rows, n, H * C, local, BC)
-        gap += tl.reshape(total_j, [BK])
+        gap += total_j
 
     strict = local[None, :] < local[:, None]
     incl = local[None, :] <= local[:, None]
