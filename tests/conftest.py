@@ -25,6 +25,17 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Where the Triton kernel tests put their tensors: CPU under the interpreter, else the GPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+def require_triton_kernels(what: str) -> None:
+    """Skip the calling test unless Triton kernels can run here: the triton package, and a GPU or
+    the interpreter. what: the kernels, for the skip reason."""
+    pytest.importorskip("triton", reason=f"{what} needs the triton package")
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("compiled Triton kernels need a GPU (the interpreter runs with TRITON_INTERPRET=1)")
 
 
 def _interpreter_scalar_index_fix() -> None:

@@ -11,13 +11,10 @@ checked against autograd and the straightforward formula in tests/test_attnres.p
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
+from conftest import DEVICE
 
 pytest.importorskip("triton", reason="the fused AttnRes kernels need the triton package")
 

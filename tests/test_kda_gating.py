@@ -8,23 +8,17 @@ gate inputs (softplus's two regimes). The references run in float64 on the same 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from deltatron.kernels.kda_gating import gated_rms_norm_reference, kda_decay_gate_reference
+from conftest import DEVICE, require_triton_kernels
 from test_kda_triton import rel_err  # max abs error over max abs reference, shapes checked
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    pytest.importorskip("triton", reason="the fused KDA gates need the triton package")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("compiled Triton kernels need a GPU (the interpreter runs with TRITON_INTERPRET=1)")
+    require_triton_kernels("the fused KDA gates")
     from deltatron.kernels import kda_gating
 
     return kda_gating

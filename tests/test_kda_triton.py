@@ -1,9 +1,9 @@
 """Triton KDA kernels (forward and backward) against the token-by-token oracle.
 
-Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before the
-kernels are imported; fp32 numpy arithmetic, slow, so the shapes are small but cover: ragged last
-chunks, chunk sizes 16 / 32 / 64 / 128 (1, 2, 4 and 8 sub-chunks of 16), packed documents with an
-empty one, a one-token one and ones longer than a chunk, initial and final states, strong decays,
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest
+before the kernels are imported; fp32 numpy arithmetic, slow, so the shapes are small but cover:
+ragged last chunks, chunk sizes 16 / 32 / 64 / 128 (1, 2, 4 and 8 sub-chunks of 16), packed
+documents with an empty one, a one-token one and ones longer than a chunk, initial and final states, strong decays,
 head dims that are not powers of two). With a GPU and TRITON_INTERPRET unset they run compiled on
 CUDA. Every gradient is checked against autograd through `naive_recurrent_kda`.
 """
@@ -18,10 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
+from conftest import DEVICE, INTERPRET  # conftest set TRITON_INTERPRET=1 if there is no CUDA
 
 triton = pytest.importorskip("triton", reason="the triton KDA backend needs the triton package")
 

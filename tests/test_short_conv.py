@@ -10,17 +10,13 @@ against torch's conv1d and against separate documents.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from deltatron.kernels.short_conv import causal_short_conv, short_conv_silu_reference
 from deltatron.model.kda import positions_in_documents
+from conftest import DEVICE, require_triton_kernels
 from test_kda_triton import rel_err  # max abs error over max abs reference, shapes checked
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
 
 
 def test_short_conv_resets_at_document_boundaries():
@@ -37,9 +33,7 @@ def test_short_conv_resets_at_document_boundaries():
 
 
 def _fused(*args):
-    pytest.importorskip("triton", reason="the fused short convolution needs the triton package")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("compiled Triton kernels need a GPU (the interpreter runs with TRITON_INTERPRET=1)")
+    require_triton_kernels("the fused short convolution")
     from deltatron.kernels.short_conv import ShortConvSiLU
 
     return ShortConvSiLU.apply(*args)

@@ -9,24 +9,18 @@ references run in float64 on the same inputs.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from deltatron.kernels.swiglu import BLOCK_F, swiglu_reference
+from conftest import DEVICE, INTERPRET, require_triton_kernels
 from test_kda_triton import rel_err  # max abs error over max abs reference, shapes checked
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
 
 
 @pytest.fixture(scope="module")
 def fused():
-    pytest.importorskip("triton", reason="the fused SwiGLU needs the triton package")
-    if not INTERPRET and not torch.cuda.is_available():
-        pytest.skip("compiled Triton kernels need a GPU (the interpreter runs with TRITON_INTERPRET=1)")
+    require_triton_kernels("the fused SwiGLU")
     from deltatron.kernels.swiglu import _SwiGLU
 
     return _SwiGLU.apply
