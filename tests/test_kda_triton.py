@@ -3,9 +3,10 @@
 Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest
 before the kernels are imported; fp32 numpy arithmetic, slow, so the shapes are small but cover:
 ragged last chunks, chunk sizes 16 / 32 / 64 / 128 (1, 2, 4 and 8 sub-chunks of 16), packed
-documents with an empty one, a one-token one and ones longer than a chunk, initial and final states, strong decays,
-head dims that are not powers of two). With a GPU and TRITON_INTERPRET unset they run compiled on
-CUDA. Every gradient is checked against autograd through `naive_recurrent_kda`.
+documents with an empty one, a one-token one and ones longer than a chunk, initial and final
+states, strong decays, head dims that are not powers of two). With a GPU and TRITON_INTERPRET unset
+they run compiled on CUDA. Every gradient is checked against autograd through
+`naive_recurrent_kda`.
 """
 
 from __future__ import annotations
