@@ -107,10 +107,11 @@ def pair_config(K: int, whole_head: bool) -> dict:
     """Tiles of the per-sub-block kernels, [SUB, BK]: triton_intra._scores_kernel takes every key
     channel at once (whole_head: K padded to a power of two, at least 32), the pairwise backward
     32 at a time; 1 or 2 warps (these programs are small: more of them per multiprocessor hide
-    each other's latencies). Measured on an H200 at K = 128, B8 T4k H32 (bench/kda_tiles.py): the
-    pairwise kernel alone took 9.9 ms at BK 32 with 4 warps, 10.9 at 64 / 4, 18.7 at 64 / 8 and
-    25.4 at 32 / 8; in the whole operator 2 warps beat 4 by 1.1 ms (pairwise) and 0.9 ms (scores,
-    whose 4-warp kernel took 4.0 ms and 8 warps 7.1)."""
+    each other's latencies). Measured on an H200 at K = 128, B8 T4k H32: launched alone (the first
+    bench/kda_tiles.py, commit 13088c6) the pairwise kernel took 9.9 ms at BK 32 with 4 warps,
+    10.9 at 64 / 4, 18.7 at 64 / 8 and 25.4 at 32 / 8, the scores 4.0 ms at 4 warps and 7.1 at 8;
+    in the whole operator (bench/results/kda_tiles_h200.json) 2 warps beat 4 by 1.1 ms (pairwise)
+    and 0.9 ms (scores)."""
     BK = max(32, triton.next_power_of_2(K))
     if not whole_head:  # 1 warp: 36.9 ms for the whole operator against 38.7 at 2 warps
         return dict(BK=32, num_warps=1, num_stages=1)
