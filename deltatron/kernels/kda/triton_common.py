@@ -112,9 +112,9 @@ def pair_config(K: int, whole_head: bool) -> dict:
     10.9 at 64 / 4, 18.7 at 64 / 8 and 25.4 at 32 / 8, the scores 4.0 ms at 4 warps and 7.1 at 8;
     in the whole operator (bench/results/kda_tiles_h200.json) 2 warps beat 4 by 1.1 ms (pairwise)
     and 0.9 ms (scores)."""
-    BK = max(32, triton.next_power_of_2(K))
     if not whole_head:  # 1 warp: 36.9 ms for the whole operator against 38.7 at 2 warps
         return dict(BK=32, num_warps=1, num_stages=1)
+    BK = max(32, triton.next_power_of_2(K))
     return dict(BK=BK, num_warps=2 if BK <= 128 else 4, num_stages=1)
 
 
@@ -183,16 +183,21 @@ def sub_block_decays(g, g_next, C: tl.constexpr, BC: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def sub_block_program(chunks, BC: tl.constexpr):
-    """(i_c, i_h, i_b, t0, n, first) of a per-sub-block program, grid (chunks, H, C // BC): its
-    chunk, head and sub-block, the chunk's first token and valid rows, and the sub-block's first
-    row (first >= n: the sub-block lies past a ragged chunk's end, and the program has nothing
-    to do)."""
+def chunk_program(chunks):
+    """(i_c, i_h, t0, n) of a chunk-parallel program, grid (chunks, H, ...): its chunk and head,
+    the chunk's first token and number of valid rows."""
     i_c = tl.program_id(0)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
+    return i_c, tl.program_id(1), tl.load(chunks + 2 * i_c), tl.load(chunks + 2 * i_c + 1)
+
+
+@triton.jit
+def sub_block_program(chunks, BC: tl.constexpr):
+    """(i_c, i_h, i_b, t0, n, first) of a per-sub-block program, grid (chunks, H, C // BC):
+    chunk_program's, the sub-block and its first row (first >= n: the sub-block lies past a
+    ragged chunk's end, and the program has nothing to do)."""
+    i_c, i_h, t0, n = chunk_program(chunks)
     i_b = tl.program_id(2)
-    return i_c, tl.program_id(1), i_b, t0, n, i_b * BC
+    return i_c, i_h, i_b, t0, n, i_b * BC
 
 
 @triton.jit

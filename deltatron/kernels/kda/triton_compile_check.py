@@ -28,7 +28,8 @@ from triton.compiler import ASTSource
 
 from deltatron.kernels.kda.triton_common import SUB, dot_precision, pair_config
 from deltatron.kernels.kda.triton_grad import (
-    _chunk_reverse_cumsum_kernel, _grad_chunk_kernel, _grad_pairwise_kernel, grad_config,
+    _chunk_reverse_cumsum_kernel, _grad_chunk_kernel, _grad_pairwise_kernel, cumsum_config,
+    grad_config,
 )
 from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _scores_kernel, intra_config
 from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_kernel, state_config
@@ -67,9 +68,7 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
         ("grad chunk", _grad_chunk_kernel, dict(shapes, BC=SUB, **grad)),
         ("grad pairwise", _grad_pairwise_kernel,
          dict(no_v, BC=SUB, **pair_config(K, whole_head=False))),
-        ("chunk reverse cumsum", _chunk_reverse_cumsum_kernel,
-         dict(K=K, C=C, BK=min(64, max(16, triton.next_power_of_2(K))), num_warps=4,
-              num_stages=1)),
+        ("chunk reverse cumsum", _chunk_reverse_cumsum_kernel, dict(K=K, C=C, **cumsum_config(K))),
     ]
 
 

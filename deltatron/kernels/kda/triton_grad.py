@@ -39,6 +39,7 @@ from deltatron.kernels.kda.triton_common import (
     in_block_decay_step,
     in_block_log_decay,
     sub_block_decays,
+    chunk_program,
     sub_block_program,
     earlier_block_keys,
     load_decays,
@@ -58,10 +59,7 @@ def _grad_chunk_kernel(
 ):
     """Grid (chunks, H). Writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles),
     and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
+    i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
     bt = load_vector(beta + i_h, t0, rows, n, H)
@@ -264,10 +262,7 @@ def _chunk_reverse_cumsum_kernel(
 ):
     """Grid (chunks, H, cdiv(K, BK)): out[i] = sum of x over rows i .. end of i's chunk (x fp32
     [T_total, H, K]; out in its own dtype)."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
+    i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     ck = tl.program_id(2) * BK + tl.arange(0, BK)
     x_t = load_rows(x + i_h * K, t0, rows, n, H * K, ck, K)
@@ -338,6 +333,11 @@ def grad_chunk(
     return dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part
 
 
+def cumsum_config(K: int) -> dict:
+    """Tiles of _chunk_reverse_cumsum_kernel: up to 64 key channels per program."""
+    return dict(BK=min(64, max(16, triton.next_power_of_2(K))), num_warps=4, num_stages=1)
+
+
 def grad_pairwise(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -367,8 +367,8 @@ def grad_pairwise(
         dq, dk, dbeta, layout.chunks, scale, H,
         K=K, C=C, BC=SUB, PREC=precision, **pair_config(K, whole_head=False),
     )
-    BK = min(64, max(16, triton.next_power_of_2(K)))
-    _chunk_reverse_cumsum_kernel[(layout.num_chunks, H, triton.cdiv(K, BK))](
-        dg_part, dg, layout.chunks, H, K=K, C=C, BK=BK, num_warps=4, num_stages=1,
+    cfg = cumsum_config(K)
+    _chunk_reverse_cumsum_kernel[(layout.num_chunks, H, triton.cdiv(K, cfg["BK"]))](
+        dg_part, dg, layout.chunks, H, K=K, C=C, **cfg,
     )
     return dq, dk, dg, dbeta

@@ -26,6 +26,7 @@ from deltatron.kernels.kda.triton_common import (
     in_block_decay_step,
     in_block_log_decay,
     sub_block_decays,
+    chunk_program,
     sub_block_program,
     earlier_block_keys,
     load_decays,
@@ -142,14 +143,23 @@ def unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
-def intra_factors(
-    q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
+def _intra_factors_kernel(
+    q, k, v, g, beta, ainv, w, u, qg, kg, gc, chunks, scale, H,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INVERT: tl.constexpr,
 ):
-    """W, U and the decay factors the state passes need (so that their sequential loops do no
-    scans) of chunk i_c, head i_h, from its A_inv [C, C] and beta [C] (fp32)."""
+    """Grid (chunks, H). W, U and the decay factors the state passes need (Qg, Kg, gC: so that
+    their sequential loops do no scans) of every chunk, from A_inv and beta. INVERT (the
+    forward): ainv holds _scores_kernel's beta-scaled A_kk on entry and is overwritten with
+    A_inv = (I + A_kk)^-1; else (the backward's recomputation) it holds the forward's A_inv."""
+    i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
+    cc = tl.arange(0, C)
+    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
+    if INVERT:
+        a_inv = unit_lower_inverse(a_inv, C, BC, PREC)
+        store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
+    bt = load_vector(beta + i_h, t0, rows, n, H)
     for ik in range(tl.cdiv(K, BK)):
         cols = ik * BK + tl.arange(0, BK)
         kt = load_rows(k + i_h * K, t0, rows, n, H * K, cols, K)
@@ -167,30 +177,6 @@ def intra_factors(
         cols = iv * BV + tl.arange(0, BV)
         x = load_rows(v + i_h * V, t0, rows, n, H * V, cols, V) * bt[:, None]
         store_rows(u + i_h * V, tl.dot(a_inv, x, input_precision=PREC), t0, rows, n, H * V, cols, V)
-
-
-@triton.jit
-def _intra_factors_kernel(
-    q, k, v, g, beta, ainv, w, u, qg, kg, gc, chunks, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INVERT: tl.constexpr,
-):
-    """Grid (chunks, H). W, U, Qg, Kg and gC of every chunk from A_inv. INVERT (the forward):
-    ainv holds _scores_kernel's beta-scaled A_kk on entry and is overwritten with
-    A_inv = (I + A_kk)^-1; else (the backward's recomputation) it holds the forward's A_inv."""
-    i_c = tl.program_id(0)
-    i_h = tl.program_id(1)
-    t0 = tl.load(chunks + 2 * i_c)
-    n = tl.load(chunks + 2 * i_c + 1)
-    rows = tl.arange(0, C)
-    cc = tl.arange(0, C)
-    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
-    if INVERT:
-        a_inv = unit_lower_inverse(a_inv, C, BC, PREC)
-        store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
-    bt = load_vector(beta + i_h, t0, rows, n, H)
-    intra_factors(q, k, v, g, a_inv, bt, w, u, qg, kg, gc, i_c, i_h, t0, n, scale, H,
-                  K, V, C, BC, BK, BV, PREC)
 
 
 def intra_config(K: int, V: int, C: int) -> dict:
