@@ -30,11 +30,11 @@ other than SwiGLU, probs applied on the input, CUDA tensors other than bf16) fal
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from deltatron.kernels.swiglu import swiglu
+from deltatron.model.mlp import plain_swiglu
 
 # Rows per expert group are rounded up to this many: 8 bf16 rows = 16 bytes of leading dimension
 # for the grouped kernel's operands; 16 also keeps fp8-style alignment for later use.
@@ -89,13 +89,9 @@ class GroupedGemmExperts(SequentialMLP):
         return (
             self.num_local_experts > 1
             and self.tp_group.size() == 1
-            and cfg.gated_linear_unit
-            and cfg.activation_func is F.silu
-            and not cfg.add_bias_linear
+            and plain_swiglu(cfg)
             and not (cfg.fp8 or cfg.fp4)
             and not cfg.moe_apply_probs_on_input
-            and getattr(cfg, "activation_func_clamp_value", None) is None
-            and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
         )
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):

@@ -18,6 +18,18 @@ from megatron.core.transformer.moe.shared_experts import FusedSharedExpertMLP, S
 from deltatron.kernels.swiglu import swiglu
 
 
+def plain_swiglu(config) -> bool:
+    """Whether megatron-core's config asks for the activation deltatron.kernels.swiglu computes:
+    gated SiLU without bias, clamp or linear offset."""
+    return (
+        config.gated_linear_unit
+        and config.activation_func is F.silu
+        and not config.add_bias_linear
+        and getattr(config, "activation_func_clamp_value", None) is None
+        and getattr(config, "glu_linear_offset", 0.0) == 0.0
+    )
+
+
 class SwiGLUMLP(MLP):
     """megatron-core's MLP whose SwiGLU runs deltatron.kernels.swiglu.
 
@@ -25,15 +37,10 @@ class SwiGLUMLP(MLP):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # megatron-core's own activation paths (TE's module, its bias_swiglu fusion) stay its own
         cfg = self.config
         self.fused_swiglu = (
-            cfg.gated_linear_unit
-            and cfg.activation_func is F.silu
-            and not cfg.add_bias_linear
-            and not cfg.use_te_activation_func
-            and not cfg.bias_activation_fusion
-            and getattr(cfg, "activation_func_clamp_value", None) is None
-            and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
+            plain_swiglu(cfg) and not cfg.use_te_activation_func and not cfg.bias_activation_fusion
         )
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
