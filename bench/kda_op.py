@@ -247,6 +247,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "kda_op", "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "fla": getattr(fla, "__version__", "unknown"), "dtype": "bf16", "chunk_size": CHUNK,
+        "reference": "fla.ops.kda.chunk_kda, timed in the same run (fla_* columns)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/kda_op.py " + " ".join(
             f"--shapes {' '.join(args.shapes)} --heads {args.heads} --head-dim {args.head_dim} "

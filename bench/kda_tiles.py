@@ -70,7 +70,8 @@ def main(argv=None) -> None:
     gpu = device_name()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"kda_tiles_{device_tag(gpu)}.json")
-    record = dict(gpu=gpu, **environment(), shapes=dict(B=B, T=T, H=H, D=D, chunk=64))
+    record = dict(gpu=gpu, **environment(), shapes=dict(B=B, T=T, H=H, D=D, chunk=64),
+                  reference="baseline: the launchers' current configs, timed in the same run")
     record["baseline"] = measure()
     record["rows"] = rows = []
     print(json.dumps(dict(baseline=record["baseline"])), flush=True)
