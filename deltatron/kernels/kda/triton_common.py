@@ -8,7 +8,9 @@ one row of sequences, so a batch and packed documents look the same to the kerne
     per-chunk [C, C] matrices (A_qk, A_kk^-1, their gradients) as [T_total, H, C]: row i of a
     chunk is stored with the chunk's i-th token, so a ragged last chunk takes no extra room.
     per-chunk states and vectors as [NC, H, K, V] and [NC, H, K] (NC chunks over all sequences).
-Kernels load any float dtype and compute in fp32; everything one kernel hands to the next is fp32.
+Kernels load any float dtype and compute in fp32. What one kernel hands to the next is fp32, except
+the operands of the state passes' and the gradient pass's products (A_qk, W, U, Qg, Kg, h, U',
+dh, dU'), which are kept in the operand dtype (operand_dtype): bf16 for bf16 inputs.
 A chunk is addressed by its first token t0 and its number n of valid rows (n < C only for the
 last chunk of a sequence). Rows >= n are read as zeros: zero q, k, v, beta and g = 0 (no decay),
 which makes them inert, so they change neither the state nor any valid row.
@@ -45,6 +47,11 @@ if _PRECISION_OVERRIDE is not None and _PRECISION_OVERRIDE not in _PRECISIONS:
         f"DELTATRON_KDA_DOT_PRECISION={_PRECISION_OVERRIDE!r}: choose one of "
         f"{', '.join(_PRECISIONS)}"
     )
+
+
+# Under TRITON_INTERPRET=1 tl.dot multiplies the raw bits of bf16 tiles as integers (numpy has no
+# bf16), so `mm` widens its operands to fp32 there: the same products of the same rounded values.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,21 @@ def dot_precision(*dtypes: torch.dtype) -> str:
     return _PRECISION_OVERRIDE or ("tf32" if half else "tf32x3")
 
 
+def operand_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """dtype of the intermediates the state passes and the gradient pass multiply (A_qk, W, U,
+    Qg, Kg, the per-chunk states h and U', their gradients dh and dU'), for a call whose q, k, v
+    have these dtypes: bf16 when all are bf16, else fp32.
+
+    bf16 operands run the products at the tensor cores' bf16 rate and halve what the sequential
+    passes read, at the price of rounding every operand to 8 bits of mantissa (2^-9 relative,
+    the inputs' own resolution; accumulation stays fp32, and so do the states the passes carry).
+    fla's chunk_kda makes the same choice. fp16 inputs keep fp32 intermediates: the state and U'
+    are not bounded by fp16's range (65504) the way the inputs are.
+    """
+    bf16 = all(d == torch.bfloat16 for d in dtypes)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def pair_config(K: int, whole_head: bool) -> dict:
     """Tiles of the per-sub-block kernels, [SUB, BK]: triton_intra._scores_kernel takes every key
     channel at once (whole_head: K padded to a power of two, at least 32), the pairwise backward
@@ -119,8 +141,9 @@ def pair_config(K: int, whole_head: bool) -> dict:
 
 
 @triton.jit
-def load_rows(ptr, t0, rows, n, stride, cols, ncols):
-    """fp32 tile [len(rows), len(cols)] of a token-major tensor: tile row r is token t0 + rows[r].
+def load_tile(ptr, t0, rows, n, stride, cols, ncols):
+    """Tile [len(rows), len(cols)] of a token-major tensor in its stored dtype: tile row r is
+    token t0 + rows[r].
 
     ptr already points at this head's first column; stride is the distance between tokens. Rows
     with rows[r] >= n and columns >= ncols read 0. Offsets are int64 (T_total * H * K can pass
@@ -128,7 +151,23 @@ def load_rows(ptr, t0, rows, n, stride, cols, ncols):
     """
     offs = (t0 + rows).to(tl.int64)[:, None] * stride + cols[None, :]
     mask = (rows < n)[:, None] & (cols < ncols)[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_rows(ptr, t0, rows, n, stride, cols, ncols):
+    """load_tile's tile as fp32."""
+    return load_tile(ptr, t0, rows, n, stride, cols, ncols).to(tl.float32)
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in fp32, a and b of one dtype: bf16 tiles multiply at the bf16 rate,
+    fp32 ones with input_precision PREC (dot_precision)."""
+    if INTERPRETED:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from deltatron.kernels.kda.triton_common import SUB, dot_precision, pair_config
+from deltatron.kernels.kda.triton_common import SUB, dot_precision, operand_dtype, pair_config
 from deltatron.kernels.kda.triton_grad import (
     _chunk_reverse_cumsum_kernel, _grad_chunk_kernel, _grad_pairwise_kernel, cumsum_config,
     grad_config,
@@ -37,9 +37,12 @@ from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_ker
 # Largest dynamic shared memory per block (opt-in), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 
-# Pointer arguments in the caller's dtype (q, k, v, the output and their gradients); the other
-# pointers are fp32 (g and beta as the model passes them, every intermediate), the tables int32.
+# Pointer arguments in the caller's dtype (q, k, v, the output and their gradients), those in the
+# operand dtype (triton_common.operand_dtype: the products' operands handed between kernels); the
+# other pointers are fp32 (g and beta as the model passes them, the other intermediates), the
+# tables int32.
 _INPUT_DTYPE_ARGS = {"q", "k", "v", "o", "do", "dq", "dk", "dv"}
+_OPERAND_DTYPE_ARGS = {"aqk", "w", "u", "qg", "kg", "h", "vnew", "dh", "dvnew"}
 _INT32_ARGS = {"chunks", "seq_offsets", "seq_chunks"}
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -131,6 +134,8 @@ def _kda_signature(kernel, constexprs: dict, dtype: torch.dtype) -> dict:
             signature[name] = "fp32"
         elif name in _INPUT_DTYPE_ARGS:
             signature[name] = "*" + _TRITON_DTYPE[dtype]
+        elif name in _OPERAND_DTYPE_ARGS:
+            signature[name] = "*" + _TRITON_DTYPE[operand_dtype(dtype, dtype, dtype)]
         else:
             signature[name] = "*fp32"
     return signature

@@ -44,7 +44,9 @@ from deltatron.kernels.kda.triton_common import (
     earlier_block_keys,
     load_decays,
     load_rows,
+    load_tile,
     load_vector,
+    mm,
     pair_config,
     store_rows,
 )
@@ -58,12 +60,15 @@ def _grad_chunk_kernel(
     BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (chunks, H). Writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles),
-    and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel."""
+    and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel. The
+    products take their operands in W's dtype (operand_dtype), as the state passes stored h, U',
+    dh and dU'."""
+    OP: tl.constexpr = w.dtype.element_ty
     i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
     bt = load_vector(beta + i_h, t0, rows, n, H)
-    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
+    a_inv_t = tl.trans(load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)).to(OP)
 
     # Value side: dA_qk, dXv (-> dv, dbeta, dA_kk), one block of value columns at a time.
     daq = tl.zeros([C, C], dtype=tl.float32)
@@ -71,15 +76,15 @@ def _grad_chunk_kernel(
     db = tl.zeros([C], dtype=tl.float32)
     for iv in range(tl.cdiv(V, BV)):
         cv = iv * BV + tl.arange(0, BV)
-        do_t = load_rows(do + i_h * V, t0, rows, n, H * V, cv, V)
-        vn = load_rows(vnew + i_h * V, t0, rows, n, H * V, cv, V)
-        dvn = load_rows(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
-        daq += tl.dot(do_t, tl.trans(vn), input_precision=PREC)
-        dxv = tl.dot(tl.trans(a_inv), dvn, input_precision=PREC)
+        do_t = load_tile(do + i_h * V, t0, rows, n, H * V, cv, V).to(OP)
+        vn = load_tile(vnew + i_h * V, t0, rows, n, H * V, cv, V)
+        dvn = load_tile(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
+        daq += mm(do_t, tl.trans(vn), PREC)
+        dxv = mm(a_inv_t, dvn, PREC)
         store_rows(dv + i_h * V, dxv * bt[:, None], t0, rows, n, H * V, cv, V)
         db += tl.sum(dxv * load_rows(v + i_h * V, t0, rows, n, H * V, cv, V), 1)
-        u_t = load_rows(u + i_h * V, t0, rows, n, H * V, cv, V)
-        dak -= tl.dot(dxv, tl.trans(u_t), input_precision=PREC)
+        u_t = load_tile(u + i_h * V, t0, rows, n, H * V, cv, V)
+        dak -= mm(dxv.to(OP), tl.trans(u_t), PREC)
     store_rows(daqk + i_h * C, tl.where(rows[:, None] >= cc[None, :], daq, 0.0),
                t0, rows, n, H * C, cc, C)
 
@@ -95,15 +100,15 @@ def _grad_chunk_kernel(
             cv = iv * BV + tl.arange(0, BV)
             state_offs = chunk_state + ck[:, None] * V + cv[None, :]
             state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-            s = tl.load(h + state_offs, mask=state_mask, other=0.0).to(tl.float32)
-            ds_next = tl.load(dh + state_offs, mask=state_mask, other=0.0).to(tl.float32)
-            do_t = load_rows(do + i_h * V, t0, rows, n, H * V, cv, V)
-            vn = load_rows(vnew + i_h * V, t0, rows, n, H * V, cv, V)
-            dvn = load_rows(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
-            dqg += tl.dot(do_t, tl.trans(s), input_precision=PREC)
-            dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
-            dkg += tl.dot(vn, tl.trans(ds_next), input_precision=PREC)
-            dgc += tl.sum(s * ds_next, 1)
+            s = tl.load(h + state_offs, mask=state_mask, other=0.0)
+            ds_next = tl.load(dh + state_offs, mask=state_mask, other=0.0)
+            do_t = load_tile(do + i_h * V, t0, rows, n, H * V, cv, V).to(OP)
+            vn = load_tile(vnew + i_h * V, t0, rows, n, H * V, cv, V)
+            dvn = load_tile(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
+            dqg += mm(do_t, tl.trans(s), PREC)
+            dw -= mm(dvn, tl.trans(s), PREC)
+            dkg += mm(vn, tl.trans(ds_next), PREC)
+            dgc += tl.sum(s.to(tl.float32) * ds_next.to(tl.float32), 1)
         g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
         e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
         decay_in, decay_out = chunk_decays(e_in, e_out, totals, C, BC, BK)  # exp(G), exp(Gs)
@@ -112,9 +117,9 @@ def _grad_chunk_kernel(
         qg = qt * decay_in * scale
         kb = kt * decay_in
         kg = kt * decay_out
-        dxk = tl.dot(tl.trans(a_inv), dw, input_precision=PREC)
-        w_t = load_rows(w + i_h * K, t0, rows, n, H * K, ck, K)
-        dak -= tl.dot(dxk, tl.trans(w_t), input_precision=PREC)
+        dxk = mm(a_inv_t, dw.to(OP), PREC)
+        w_t = load_tile(w + i_h * K, t0, rows, n, H * K, ck, K)
+        dak -= mm(dxk.to(OP), tl.trans(w_t), PREC)
         db += tl.sum(dxk * kb, 1)
         dkb = dxk * bt[:, None]
         store_rows(dq_part + i_h * K, dqg * decay_in * scale, t0, rows, n, H * K, ck, K)
@@ -308,7 +313,8 @@ def grad_chunk(
 ) -> tuple[torch.Tensor, ...]:
     """First backward stage, from the recomputed intra-chunk pass (W [T_total, H, K], U
     [T_total, H, V], A_inv [T_total, H, C]) and the state passes (h, dh [NC, H, K, V], U' = vnew
-    and dU' = dvnew [T_total, H, V]), all fp32.
+    and dU' = dvnew [T_total, H, V]); A_inv fp32, the others in the operand dtype
+    (triton_common.operand_dtype).
 
     q, k, g: [T_total, H, K]; v, do: [T_total, H, V]; beta: [T_total, H]. Returns dv (v's dtype),
     dA_qk and dA_kk [T_total, H, C], and the elementwise parts of dq, dk, dG (before its reverse

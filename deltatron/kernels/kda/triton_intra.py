@@ -32,6 +32,7 @@ from deltatron.kernels.kda.triton_common import (
     load_decays,
     load_rows,
     load_vector,
+    operand_dtype,
     pair_config,
     store_rows,
 )
@@ -45,7 +46,8 @@ def _scores_kernel(
     """Grid (chunks, H, C // BC): one program per sub-block I of BC rows writes rows I of
         A_qk[i, j] = sum_c scale q_i k_j exp(G_i - G_j)          j <= i
         A_kk[i, j] = beta_i sum_c k_i k_j exp(G_i - G_j)         j < i
-    ([T_total, H, C] fp32, zero above the diagonal). All key channels at once (BK >= K).
+    ([T_total, H, C], A_qk in the operand dtype and A_kk fp32, zero above the diagonal). All key
+    channels at once (BK >= K).
 
     A pair across sub-blocks (J < I) factors through the boundary after J:
     exp(G_i - G_j) = e_in_I[i] * exp(totals of the blocks between) * e_out_J[j], every factor an
@@ -205,7 +207,8 @@ class IntraChunk:
     qg:   [T_total, H, K]  scale * q * exp(G)
     kg:   [T_total, H, K]  k * exp(Gs)
     gc:   [NC, H, K]       exp(G_C), the decay over the whole chunk
-    all fp32. The forward keeps aqk and ainv for the backward (0.5 KB per token and head at
+    ainv and gc fp32, the others (the state passes' operands) in the operand dtype
+    (triton_common.operand_dtype). The forward keeps aqk and ainv for the backward (0.5 KB per token and head at
     C = 64), which then recomputes only the rest (`intra_chunk_factors`): the scores and the
     inverse are most of the pass's cost.
     """
@@ -219,15 +222,15 @@ class IntraChunk:
     gc: torch.Tensor
 
 
-def _factor_buffers(q: torch.Tensor, v: torch.Tensor, num_chunks: int) -> dict:
+def _factor_buffers(q: torch.Tensor, v: torch.Tensor, num_chunks: int, op: torch.dtype) -> dict:
     T, H, K = q.shape
-    f32 = dict(dtype=torch.float32, device=q.device)
+    as_op = dict(dtype=op, device=q.device)
     return dict(
-        w=torch.empty((T, H, K), **f32),
-        u=torch.empty((T, H, v.shape[-1]), **f32),
-        qg=torch.empty((T, H, K), **f32),
-        kg=torch.empty((T, H, K), **f32),
-        gc=torch.empty((num_chunks, H, K), **f32),
+        w=torch.empty((T, H, K), **as_op),
+        u=torch.empty((T, H, v.shape[-1]), **as_op),
+        qg=torch.empty((T, H, K), **as_op),
+        kg=torch.empty((T, H, K), **as_op),
+        gc=torch.empty((num_chunks, H, K), dtype=torch.float32, device=q.device),
     )
 
 
@@ -250,11 +253,11 @@ def intra_chunk_fwd(
     T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
-    f32 = dict(dtype=torch.float32, device=q.device)
+    op = operand_dtype(q.dtype, k.dtype, v.dtype)
     out = IntraChunk(
-        aqk=torch.empty((T, H, C), **f32),
-        ainv=torch.empty((T, H, C), **f32),
-        **_factor_buffers(q, v, layout.num_chunks),
+        aqk=torch.empty((T, H, C), dtype=op, device=q.device),
+        ainv=torch.empty((T, H, C), dtype=torch.float32, device=q.device),
+        **_factor_buffers(q, v, layout.num_chunks, op),
     )
     grid = (layout.num_chunks, H)
     _scores_kernel[grid + (C // SUB,)](
@@ -280,12 +283,12 @@ def intra_chunk_factors(
     scale: float,
     precision: str,
 ) -> IntraChunk:
-    """The intra-chunk pass again from the forward's A_qk and A_inv ([T_total, H, C] fp32):
-    only W, U, Qg, Kg and gC are recomputed. Other arguments as `intra_chunk_fwd`."""
+    """The intra-chunk pass again from the forward's A_qk and A_inv ([T_total, H, C]): only W, U,
+    Qg, Kg and gC are recomputed. Other arguments as `intra_chunk_fwd`."""
     H, K = q.shape[1:]
     V = v.shape[-1]
     C = aqk.shape[-1]
-    out = IntraChunk(aqk=aqk, ainv=ainv, **_factor_buffers(q, v, layout.num_chunks))
+    out = IntraChunk(aqk=aqk, ainv=ainv, **_factor_buffers(q, v, layout.num_chunks, aqk.dtype))
     _intra_factors_kernel[(layout.num_chunks, H)](
         q, k, v, g, beta, ainv, out.w, out.u, out.qg, out.kg, out.gc, layout.chunks, scale, H,
         K=K, V=V, C=C, BC=SUB, PREC=precision, INVERT=False, **intra_config(K, V, C),

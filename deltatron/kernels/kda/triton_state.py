@@ -7,7 +7,8 @@ the state entering it and W, U, A_qk, Qg, Kg, gC from the intra-chunk pass (trit
     forward:  U' = U - W S,   O = Qg S + A_qk U',   S_next = gC * S + Kg^T U'
     backward: dU' = A_qk^T dO + Kg dS_next,   dS = Qg^T dO + gC * dS_next - W^T dU'
 The loops only load and multiply: every scan and exp was done in the parallel intra-chunk pass.
-Layouts in triton_common.py; states are [N, H, K, V] fp32, per-chunk states [NC, H, K, V].
+Layouts in triton_common.py; states are [N, H, K, V] fp32, per-chunk states [NC, H, K, V] in the
+operand dtype (triton_common.operand_dtype).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltatron.kernels.kda.triton_common import ChunkLayout, load_rows, store_rows
+from deltatron.kernels.kda.triton_common import ChunkLayout, load_rows, load_tile, mm, store_rows
 from deltatron.kernels.kda.triton_intra import IntraChunk
 
 
@@ -30,7 +31,9 @@ def _state_fwd_kernel(
     STORE_H: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (N, H, cdiv(V, BV)). Writes o (STORE_O), the final state (STORE_FINAL), and for the
-    backward the state entering every chunk h and U' (STORE_H)."""
+    backward the state entering every chunk h and U' (STORE_H). The products take their operands
+    in W's dtype (operand_dtype), the state and U' rounded to it; h and U' are stored in it."""
+    OP: tl.constexpr = w.dtype.element_ty
     i_n = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -54,21 +57,22 @@ def _state_fwd_kernel(
         n = tl.minimum(eos - t0, C)
         chunk = (first_chunk + ic) * H + i_h
         if STORE_H:
-            tl.store(h + chunk.to(tl.int64) * K * V + state_offs, s, mask=state_mask)
-        w_t = load_rows(w + i_h * K, t0, rows, n, H * K, rk, K)
+            tl.store(h + chunk.to(tl.int64) * K * V + state_offs, s.to(OP), mask=state_mask)
+        w_t = load_tile(w + i_h * K, t0, rows, n, H * K, rk, K)
         u_t = load_rows(u + i_h * V, t0, rows, n, H * V, cv, V)
-        v_new = u_t - tl.dot(w_t, s, input_precision=PREC)
+        s_op = s.to(OP)
+        v_new = u_t - mm(w_t, s_op, PREC)
+        v_op = v_new.to(OP)
         if STORE_O:
-            qg_t = load_rows(qg + i_h * K, t0, rows, n, H * K, rk, K)
-            a = load_rows(aqk + i_h * C, t0, rows, n, H * C, cc, C)
-            o_t = tl.dot(qg_t, s, input_precision=PREC)
-            o_t += tl.dot(a, v_new, input_precision=PREC)
+            qg_t = load_tile(qg + i_h * K, t0, rows, n, H * K, rk, K)
+            a = load_tile(aqk + i_h * C, t0, rows, n, H * C, cc, C)
+            o_t = mm(qg_t, s_op, PREC) + mm(a, v_op, PREC)
             store_rows(o + i_h * V, o_t, t0, rows, n, H * V, cv, V)
         if STORE_H:
-            store_rows(vnew + i_h * V, v_new, t0, rows, n, H * V, cv, V)
-        kg_t = load_rows(kg + i_h * K, t0, rows, n, H * K, rk, K)
+            store_rows(vnew + i_h * V, v_op, t0, rows, n, H * V, cv, V)
+        kg_t = load_tile(kg + i_h * K, t0, rows, n, H * K, rk, K)
         decay = tl.load(gc + chunk.to(tl.int64) * K + rk, mask=rk < K, other=0.0)
-        s = s * decay[:, None] + tl.dot(tl.trans(kg_t), v_new, input_precision=PREC)
+        s = s * decay[:, None] + mm(tl.trans(kg_t), v_op, PREC)
     if STORE_FINAL:
         tl.store(ht + seq_state + state_offs, s, mask=state_mask)
 
@@ -80,7 +84,9 @@ def _state_bwd_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (N, H, cdiv(V, BV)). Walks the chunks backwards; writes dh (the gradient of the state
-    leaving every chunk), dU' and, if STORE_DH0, the initial state's gradient."""
+    leaving every chunk), dU' and, if STORE_DH0, the initial state's gradient. Operands in W's
+    dtype as in _state_fwd_kernel; dh and dU' are stored in it."""
+    OP: tl.constexpr = w.dtype.element_ty
     i_n = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -105,19 +111,20 @@ def _state_bwd_kernel(
         t0 = bos + ic * C
         n = tl.minimum(eos - t0, C)
         chunk = (first_chunk + ic) * H + i_h
-        tl.store(dh + chunk.to(tl.int64) * K * V + state_offs, ds, mask=state_mask)
-        do_t = load_rows(do + i_h * V, t0, rows, n, H * V, cv, V)
-        a = load_rows(aqk + i_h * C, t0, rows, n, H * C, cc, C)
-        kg_t = load_rows(kg + i_h * K, t0, rows, n, H * K, rk, K)
-        dv_new = tl.dot(tl.trans(a), do_t, input_precision=PREC)
-        dv_new += tl.dot(kg_t, ds, input_precision=PREC)
-        store_rows(dvnew + i_h * V, dv_new, t0, rows, n, H * V, cv, V)
-        qg_t = load_rows(qg + i_h * K, t0, rows, n, H * K, rk, K)
-        w_t = load_rows(w + i_h * K, t0, rows, n, H * K, rk, K)
+        ds_op = ds.to(OP)
+        tl.store(dh + chunk.to(tl.int64) * K * V + state_offs, ds_op, mask=state_mask)
+        do_t = load_tile(do + i_h * V, t0, rows, n, H * V, cv, V).to(OP)
+        a = load_tile(aqk + i_h * C, t0, rows, n, H * C, cc, C)
+        kg_t = load_tile(kg + i_h * K, t0, rows, n, H * K, rk, K)
+        dv_new = mm(tl.trans(a), do_t, PREC) + mm(kg_t, ds_op, PREC)
+        dv_op = dv_new.to(OP)
+        store_rows(dvnew + i_h * V, dv_op, t0, rows, n, H * V, cv, V)
+        qg_t = load_tile(qg + i_h * K, t0, rows, n, H * K, rk, K)
+        w_t = load_tile(w + i_h * K, t0, rows, n, H * K, rk, K)
         decay = tl.load(gc + chunk.to(tl.int64) * K + rk, mask=rk < K, other=0.0)
         ds = ds * decay[:, None]
-        ds += tl.dot(tl.trans(qg_t), do_t, input_precision=PREC)
-        ds -= tl.dot(tl.trans(w_t), dv_new, input_precision=PREC)
+        ds += mm(tl.trans(qg_t), do_t, PREC)
+        ds -= mm(tl.trans(w_t), dv_op, PREC)
     if STORE_DH0:
         tl.store(dh0 + seq_state + state_offs, ds, mask=state_mask)
 
@@ -161,8 +168,8 @@ def state_fwd(
     """Forward state pass over all sequences, from the intra-chunk pass's tensors.
 
     initial_state: [N, H, K, V] or None. Returns (o [T_total, H, V] in out_dtype if output,
-    final state [N, H, K, V] if final_state, and if chunk_states h [NC, H, K, V] (the state
-    entering every chunk) and U' [T_total, H, V]; all fp32 but o); None for the rest.
+    final state [N, H, K, V] fp32 if final_state, and if chunk_states h [NC, H, K, V] (the state
+    entering every chunk) and U' [T_total, H, V] in the operand dtype (ic.w's)); None for the rest.
     """
     T, H, K = ic.w.shape
     V = ic.u.shape[-1]
@@ -173,8 +180,9 @@ def state_fwd(
     f32 = dict(dtype=torch.float32, device=dev)
     o = torch.empty((T, H, V), dtype=out_dtype, device=dev) if output else None
     ht = torch.empty((N, H, K, V), **f32) if final_state else None
-    h = torch.empty((layout.num_chunks, H, K, V), **f32) if chunk_states else None
-    vnew = torch.empty((T, H, V), **f32) if chunk_states else None
+    op = dict(dtype=ic.w.dtype, device=dev)
+    h = torch.empty((layout.num_chunks, H, K, V), **op) if chunk_states else None
+    vnew = torch.empty((T, H, V), **op) if chunk_states else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     unused = ic.u  # stands in for the outputs not asked for: their pointers are never used
     _state_fwd_kernel[(N, H, triton.cdiv(V, cfg["BV"]))](
@@ -199,9 +207,9 @@ def state_bwd(
     """Backward state pass over all sequences.
 
     do: [T_total, H, V] (contiguous); dht: [N, H, K, V] gradient of the final state, or None for
-    zero. Returns dh [NC, H, K, V] (gradient of the state leaving every chunk), dU'
-    [T_total, H, V] and the initial state's gradient [N, H, K, V] (None unless initial_grad), all
-    fp32.
+    zero. Returns dh [NC, H, K, V] (gradient of the state leaving every chunk) and dU'
+    [T_total, H, V] in the operand dtype (ic.w's), and the initial state's gradient [N, H, K, V]
+    fp32 (None unless initial_grad).
     """
     T, H, K = ic.w.shape
     V = do.shape[-1]
@@ -209,13 +217,14 @@ def state_bwd(
     N = layout.seq_offsets.shape[0] - 1
     cfg = _state_launch(K, V, N, H, do.device)
     f32 = dict(dtype=torch.float32, device=do.device)
-    dh = torch.empty((layout.num_chunks, H, K, V), **f32)
-    dvnew = torch.empty((T, H, V), **f32)
+    op = dict(dtype=ic.w.dtype, device=do.device)
+    dh = torch.empty((layout.num_chunks, H, K, V), **op)
+    dvnew = torch.empty((T, H, V), **op)
     dh0 = torch.empty((N, H, K, V), **f32) if initial_grad else None
     dht = dht.contiguous() if dht is not None else None
     _state_bwd_kernel[(N, H, triton.cdiv(V, cfg["BV"]))](
         ic.qg, ic.kg, ic.w, ic.aqk, ic.gc, do,
-        dht if dht is not None else dvnew, dh0 if initial_grad else dvnew, dh, dvnew,
+        dht if dht is not None else dh, dh0 if initial_grad else dh, dh, dvnew,
         layout.seq_offsets, layout.seq_chunks, H,
         K=K, V=V, C=C, HAS_DHT=dht is not None, STORE_DH0=initial_grad, PREC=precision, **cfg,
     )
