@@ -20,15 +20,15 @@ sub-blocks per chunk, NV = cdiv(V, 32)):
               grad_chunk       grid (NC, H)      dv, dA_qk, dA_kk, elementwise parts of dq, dk, dg
               grad_pairwise    grid (NC, H, NS)  dq, dk, dbeta and dG, one sub-block per program;
                                grid (NC, H, *)   then dg, dG's reverse cumsum over each chunk
-The forward keeps the inputs and A_qk, A_inv (fp32 [T_total, H, C]: 0.5 KB per token and head at
-C = 64) for the backward, which recomputes the rest (W, U and the decay factors from A_inv, and one
-state pass): the scores and the inverse are most of the intra pass's cost, so running them once
-saves more time than their memory costs. The forward never materialises per-chunk
-states: the output is produced inside the state pass; its temporaries (A_qk, W, U, Qg, Kg, fp32)
-are about 2.3 KB per token and head at K = V = 128, C = 64. The backward also holds h and dh,
-fp32 [NC, H, K, V] each (4 K V / C bytes per token and head: 1 KiB each at K = V = 128, C = 64);
-its peak, in grad_chunk, is about 6.5 KB per token and head there (1.6 GiB for 8192 tokens and 32
-heads), all released before it returns.
+The forward keeps the inputs, A_qk and A_inv ([T_total, H, C]) for the backward, which recomputes
+the rest (W, U and the decay factors from A_inv, and one state pass): the scores and the inverse
+are most of the intra pass's cost, so running them once saves more time than their memory costs.
+The forward never materialises per-chunk states: the output is produced inside the state pass.
+Memory per token and head at K = V = 128, C = 64, in the operand dtype (triton_common.operand_dtype;
+bf16 figures first, fp32 ones in brackets): A_qk and A_inv (fp32) kept, 0.38 KB (0.5); the
+forward's temporaries A_qk, W, U, Qg, Kg 1.2 KB (2.3); in the backward h and dh, [NC, H, K, V]
+each (2 K V / C bytes in bf16: 0.5 KiB each), then grad_chunk's fp32 outputs, all released
+before it returns.
 
 Tiles: C in {16, 32, 64, 128} (64 is the target); sub-chunks of SUB = 16 tokens for the
 intra-chunk decays. The per-sub-block kernels (scores, grad_pairwise) work on [16, BK] tiles
@@ -40,10 +40,11 @@ K = V = 128 tiles for every head size (smaller heads are padded): with 16-wide f
 warps Triton 3.6 miscompiled _grad_chunk_kernel (an out-of-bounds shared-memory read, an illegal
 memory access on the H100). In-block pairs (both tokens in one 16-token sub-block) are one tl.dot
 per key block through a reference row of the sub-block when the in-block log decays are at most
-40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). All
-arithmetic is fp32 (16-bit inputs are converted on load, every intermediate is fp32); tl.dot runs
-"tf32" products for bf16 / fp16 inputs and "tf32x3" (about fp32) for fp32 inputs
-(triton_common.dot_precision). No autotuning, so a fresh GPU compiles each kernel once per shape
+40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). Sums,
+exponents and the inverse are fp32 (16-bit inputs are converted on load). The state passes' and
+grad_chunk's products take bf16 operands for bf16 inputs (the operand dtype), fp32 accumulation;
+every other tl.dot multiplies fp32 tiles, "tf32" for 16-bit inputs and "tf32x3" (about fp32) for
+fp32 inputs (triton_common.dot_precision). No autotuning, so a fresh GPU compiles each kernel once per shape
 class. triton_compile_check.py compiles them all for a target (sm_90 by default) without a GPU and
 reports shared memory, registers and spills.
 
@@ -117,12 +118,11 @@ class ChunkKDAFunction(torch.autograd.Function):
                 output=False, final_state=False, chunk_states=True,
             )
             dh, dvnew, dh0 = state_bwd(ic, do, dht, layout, precision, initial_grad)
-            w, u = ic.w, ic.u
-            del ic  # Qg, Kg, gC: only the state passes read them (A_qk, A_inv stay saved)
+            del ic  # W, U, Qg, Kg, gC: only the state passes read them (A_qk, A_inv stay saved)
             dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part = grad_chunk(
-                q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do, layout, scale, precision
+                q, k, v, g, beta, ainv, h, dh, vnew, dvnew, do, layout, scale, precision
             )
-            del w, u, h, dh, vnew, dvnew  # the largest buffers, before the outputs exist
+            del h, dh, vnew, dvnew  # the largest buffers, before the outputs exist
             dq, dk, dg, dbeta = grad_pairwise(
                 q, k, g, beta, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part,
                 layout, scale, precision,

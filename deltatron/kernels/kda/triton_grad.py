@@ -8,7 +8,7 @@ Xv = beta V, L = I + A_kk, A_inv = L^-1):
 Backward, given dO, dS_next, dU' (= A_qk^T dO + Kg dS_next, from the state pass):
     dA_qk = tril(dO U'^T),   dQg = dO S^T,   dKg = U' dS_next^T,   dgC = rowsum(S * dS_next)
     dW = -dU' S^T,   dXk = A_inv^T dW,   dXv = A_inv^T dU'   (dU = dU')
-    dA_kk = -strict_tril(dXk W^T + dXv U^T),   dv = beta dXv,
+    dA_kk = -strict_tril(dXk W^T + dXv U^T) = -strict_tril(dXv U'^T),   dv = beta dXv,
     dbeta = rowsum(dXk * exp(G) K) + rowsum(dXv * V) + (the A_kk term below)
 Each decayed pair score sum_c x_i[c] y_j[c] exp(G_i[c] - G_j[c]) with gradient dA[i, j] gives
     dx_i += sum_j dA[i, j] y_j exp(G_i - G_j),  dy_j += sum_i dA[i, j] x_i exp(G_i - G_j)
@@ -54,16 +54,21 @@ from deltatron.kernels.kda.triton_common import (
 
 @triton.jit
 def _grad_chunk_kernel(
-    q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do,
+    q, k, v, g, beta, ainv, h, dh, vnew, dvnew, do,
     dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, chunks, scale, H,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (chunks, H). Writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles),
     and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel. The
-    products take their operands in W's dtype (operand_dtype), as the state passes stored h, U',
-    dh and dU'."""
-    OP: tl.constexpr = w.dtype.element_ty
+    products take their operands in the dtype the state passes stored h, U', dh and dU' in
+    (operand_dtype).
+
+    dA_kk comes as -dXv U'^T: with dXk = A_inv^T dW = -dXv S^T, the two terms of
+    -(dXk W^T + dXv U^T) combine into -dXv (U - W S)^T. Summed separately they are of U's size
+    and cancel down to U''s (the part of V the state does not predict), which costs bf16
+    operands most of their digits."""
+    OP: tl.constexpr = h.dtype.element_ty
     i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
@@ -83,8 +88,7 @@ def _grad_chunk_kernel(
         dxv = mm(a_inv_t, dvn, PREC)
         store_rows(dv + i_h * V, dxv * bt[:, None], t0, rows, n, H * V, cv, V)
         db += tl.sum(dxv * load_rows(v + i_h * V, t0, rows, n, H * V, cv, V), 1)
-        u_t = load_tile(u + i_h * V, t0, rows, n, H * V, cv, V)
-        dak -= mm(dxv.to(OP), tl.trans(u_t), PREC)
+        dak -= mm(dxv.to(OP), tl.trans(vn), PREC)
     store_rows(daqk + i_h * C, tl.where(rows[:, None] >= cc[None, :], daq, 0.0),
                t0, rows, n, H * C, cc, C)
 
@@ -118,8 +122,6 @@ def _grad_chunk_kernel(
         kb = kt * decay_in
         kg = kt * decay_out
         dxk = mm(a_inv_t, dw.to(OP), PREC)
-        w_t = load_tile(w + i_h * K, t0, rows, n, H * K, ck, K)
-        dak -= mm(dxk.to(OP), tl.trans(w_t), PREC)
         db += tl.sum(dxk * kb, 1)
         dkb = dxk * bt[:, None]
         store_rows(dq_part + i_h * K, dqg * decay_in * scale, t0, rows, n, H * K, ck, K)
@@ -299,8 +301,6 @@ def grad_chunk(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
-    w: torch.Tensor,
-    u: torch.Tensor,
     ainv: torch.Tensor,
     h: torch.Tensor,
     dh: torch.Tensor,
@@ -311,10 +311,9 @@ def grad_chunk(
     scale: float,
     precision: str,
 ) -> tuple[torch.Tensor, ...]:
-    """First backward stage, from the recomputed intra-chunk pass (W [T_total, H, K], U
-    [T_total, H, V], A_inv [T_total, H, C]) and the state passes (h, dh [NC, H, K, V], U' = vnew
-    and dU' = dvnew [T_total, H, V]); A_inv fp32, the others in the operand dtype
-    (triton_common.operand_dtype).
+    """First backward stage, from the forward's A_inv [T_total, H, C] (fp32) and the state passes
+    (h, dh [NC, H, K, V], U' = vnew and dU' = dvnew [T_total, H, V], in the operand dtype,
+    triton_common.operand_dtype).
 
     q, k, g: [T_total, H, K]; v, do: [T_total, H, V]; beta: [T_total, H]. Returns dv (v's dtype),
     dA_qk and dA_kk [T_total, H, C], and the elementwise parts of dq, dk, dG (before its reverse
@@ -332,7 +331,7 @@ def grad_chunk(
     dg_part = torch.empty((T, H, K), **f32)
     dbeta_part = torch.empty((T, H), **f32)
     _grad_chunk_kernel[(layout.num_chunks, H)](
-        q, k, v, g, beta, w, u, ainv, h, dh, vnew, dvnew, do,
+        q, k, v, g, beta, ainv, h, dh, vnew, dvnew, do,
         dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, layout.chunks, scale, H,
         K=K, V=V, C=C, BC=SUB, PREC=precision, **grad_config(K, V, C),
     )
