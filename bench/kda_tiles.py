@@ -35,17 +35,19 @@ FAMILIES = {
         dict(BK=128, num_warps=2), dict(BK=128, num_warps=4), dict(BK=128, num_warps=1)]),
     "grad_pairwise": ([(triton_grad, "pair_config")], [
         dict(BK=32, num_warps=2), dict(BK=32, num_warps=4), dict(BK=32, num_warps=1),
-        dict(BK=64, num_warps=2)]),
+        dict(BK=64, num_warps=2), dict(BK=16, num_warps=1)]),
     "intra_factors": ([(triton_intra, "intra_config")], [
         dict(BK=32, BV=32, num_warps=4), dict(BK=32, BV=32, num_warps=2),
-        dict(BK=32, BV=16, num_warps=4), dict(BK=16, BV=32, num_warps=4)]),
+        dict(BK=32, BV=16, num_warps=4), dict(BK=16, BV=32, num_warps=4),
+        dict(BK=32, BV=64, num_warps=4), dict(BK=64, BV=64, num_warps=4)]),
     "state": ([(triton_state, "state_config")], [
         dict(BK=128, BV=32, num_warps=4), dict(BK=128, BV=32, num_warps=2),
         dict(BK=128, BV=16, num_warps=4), dict(BK=128, BV=64, num_warps=4)]),
     "grad_chunk": ([(triton_grad, "grad_config")], [
         dict(BK=32, BV=32, num_warps=8), dict(BK=32, BV=32, num_warps=4),
         dict(BK=64, BV=32, num_warps=8), dict(BK=32, BV=64, num_warps=8),
-        dict(BK=32, BV=16, num_warps=4)]),
+        dict(BK=32, BV=16, num_warps=4), dict(BK=32, BV=64, num_warps=4),
+        dict(BK=64, BV=64, num_warps=8)]),
 }
 
 
