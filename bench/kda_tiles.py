@@ -44,10 +44,10 @@ FAMILIES = {
         dict(BK=128, BV=32, num_warps=4), dict(BK=128, BV=32, num_warps=2),
         dict(BK=128, BV=16, num_warps=4), dict(BK=128, BV=64, num_warps=4)]),
     "grad_chunk": ([(triton_grad, "grad_config")], [
-        dict(BK=32, BV=32, num_warps=8), dict(BK=32, BV=32, num_warps=4),
-        dict(BK=64, BV=32, num_warps=8), dict(BK=32, BV=64, num_warps=8),
-        dict(BK=32, BV=16, num_warps=4), dict(BK=32, BV=64, num_warps=4),
-        dict(BK=64, BV=64, num_warps=8)]),
+        dict(BK=32, BV=64, num_warps=4), dict(BK=32, BV=128, num_warps=4),
+        dict(BK=64, BV=64, num_warps=4), dict(BK=32, BV=64, num_warps=2),
+        dict(BK=32, BV=32, num_warps=4), dict(BK=64, BV=64, num_warps=8),
+        dict(BK=16, BV=64, num_warps=4)]),
 }
 
 
