@@ -4,7 +4,7 @@ Same recurrence and chunkwise form as chunk.py (the WY/UT form of the Kimi Linea
     S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale q_t)
 
 Kernels (T_total = B * T tokens, NC chunks over all sequences, N sequences, NS = C / 16
-sub-blocks per chunk, NV value blocks of the state passes, NK = cdiv(K, 32) key blocks):
+sub-blocks per chunk, NV = cdiv(V, 32)):
     forward   scores           grid (NC, H, NS)  A_qk and beta-scaled A_kk, one sub-block of rows
                                                  per program
               intra factors    grid (NC, H)      A_inv = (I + A_kk)^-1 (in place), W, U and the
@@ -17,9 +17,7 @@ sub-blocks per chunk, NV value blocks of the state passes, NK = cdiv(K, 32) key 
                                                  chunk) and U' instead of O
               state_bwd        grid (N, H, NV)   reverse pass: dh (gradient of the state leaving
                                                  every chunk), dU', the initial state's gradient
-              grad values      grid (NC, H)      dv, dA_qk, dA_kk, dbeta's value term
-              grad keys        grid (NC, H, NK)  elementwise parts of dq, dk, dg, dbeta, per
-                                                 block of key channels
+              grad_chunk       grid (NC, H)      dv, dA_qk, dA_kk, elementwise parts of dq, dk, dg
               grad_pairwise    grid (NC, H, NS)  dq, dk, dbeta and dG, one sub-block per program;
                                grid (NC, H, *)   then dg, dG's reverse cumsum over each chunk
 The forward keeps the inputs, A_qk and A_inv ([T_total, H, C]) for the backward, which recomputes
@@ -35,12 +33,12 @@ before it returns.
 Tiles: C in {16, 32, 64, 128} (64 is the target); sub-chunks of SUB = 16 tokens for the
 intra-chunk decays. The per-sub-block kernels (scores, grad_pairwise) work on [16, BK] tiles
 (triton_common.pair_config). The other chunk-parallel kernels take key channels 32 at a time, the
-state passes all of them (padded to a power of two, up to 256) and value columns 32 or 64 at a
-time, so a single long sequence still spreads over H * NV programs (configs and the measurements
-behind them in intra_config, state_config, grad_config). From C = 64 on, intra factors and
-grad_chunk use the K = V = 128 tiles for every head size (smaller heads are padded): with 16-wide
-fp32 tiles and 8 warps Triton 3.6 miscompiled the key side of grad_chunk (an out-of-bounds
-shared-memory read, an illegal memory access on the H100). In-block pairs (both tokens in one 16-token sub-block) are one tl.dot
+state passes all of them (padded to a power of two, up to 256) and value columns 32 at a time, so
+a single long sequence still spreads over H * NV programs; 8 warps at C = 64 or K = 128 (configs
+in intra_config, state_config, grad_config). From C = 64 on, intra factors and grad_chunk use the
+K = V = 128 tiles for every head size (smaller heads are padded): with 16-wide fp32 tiles and 8
+warps Triton 3.6 miscompiled _grad_chunk_kernel (an out-of-bounds shared-memory read, an illegal
+memory access on the H100). In-block pairs (both tokens in one 16-token sub-block) are one tl.dot
 per key block through a reference row of the sub-block when the in-block log decays are at most
 40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). Sums,
 exponents and the inverse are fp32 (16-bit inputs are converted on load). The state passes' and

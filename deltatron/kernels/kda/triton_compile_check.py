@@ -28,8 +28,7 @@ from triton.compiler import ASTSource
 
 from deltatron.kernels.kda.triton_common import SUB, dot_precision, operand_dtype, pair_config
 from deltatron.kernels.kda.triton_grad import (
-    _chunk_reverse_cumsum_kernel, _grad_keys_kernel, _grad_pairwise_kernel, _grad_values_kernel,
-    cumsum_config,
+    _chunk_reverse_cumsum_kernel, _grad_chunk_kernel, _grad_pairwise_kernel, cumsum_config,
     grad_config,
 )
 from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _scores_kernel, intra_config
@@ -54,7 +53,6 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
     shapes = dict(K=K, V=V, C=C, PREC=prec)
     grad = grad_config(K, V, C)
     no_v = {key: val for key, val in shapes.items() if key != "V"}
-    no_k = {key: val for key, val in shapes.items() if key != "K"}
     return [
         ("scores (forward)", _scores_kernel,
          dict(no_v, BC=SUB, **pair_config(K, whole_head=True))),
@@ -70,9 +68,7 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
               **state_config(K, V))),
         ("state backward", _state_bwd_kernel,
          dict(shapes, HAS_DHT=True, STORE_DH0=True, **state_config(K, V))),
-        ("grad values", _grad_values_kernel,
-         dict(no_k, **{key: val for key, val in grad.items() if key != "BK"})),
-        ("grad keys", _grad_keys_kernel, dict(shapes, BC=SUB, **grad)),
+        ("grad chunk", _grad_chunk_kernel, dict(shapes, BC=SUB, **grad)),
         ("grad pairwise", _grad_pairwise_kernel,
          dict(no_v, BC=SUB, **pair_config(K, whole_head=False))),
         ("chunk reverse cumsum", _chunk_reverse_cumsum_kernel, dict(K=K, C=C, **cumsum_config(K))),

@@ -15,9 +15,8 @@ Each decayed pair score sum_c x_i[c] y_j[c] exp(G_i[c] - G_j[c]) with gradient d
 and d G_i += x_i * dx_i, d G_j -= y_j * dy_j; the elementwise factors exp(G), exp(Gs), gC add
 their own terms, and dg is the reverse cumulative sum of dG over the chunk (G_i = sum_{t<=i} g_t).
 
-grad_chunk does everything up to dA_kk in two kernels, the value side (_grad_values_kernel: dA_qk,
-dA_kk, dv, reductions over V) and the key side (_grad_keys_kernel, per block of key channels);
-_grad_pairwise_kernel (grad_pairwise) then pushes dA_qk and dA_kk through the decayed scores,
+_grad_chunk_kernel (grad_chunk) does everything up to dA_kk (it needs reductions over V and over
+K); _grad_pairwise_kernel (grad_pairwise) then pushes dA_qk and dA_kk through the decayed scores,
 with the same sub-block decomposition as the forward, and finishes dq, dk, dg, dbeta.
 
 Cancellation: d(exp(G_i - G_j)) adds +x to dG_i and -x to dG_j, and the reverse cumsum cancels
@@ -54,25 +53,29 @@ from deltatron.kernels.kda.triton_common import (
 
 
 @triton.jit
-def _grad_values_kernel(
-    v, beta, ainv, vnew, dvnew, do, dv, daqk, dakk, dbeta_part, chunks, H,
-    V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+def _grad_chunk_kernel(
+    q, k, v, g, beta, ainv, h, dh, vnew, dvnew, do,
+    dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, chunks, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, H). The value side of a chunk's backward, one block of value columns at a
-    time: dA_qk = dO U'^T, dXv = A_inv^T dU' (-> dv = beta dXv and dbeta's term dXv . V) and
-    dA_kk = -dXv U'^T; writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles) and
-    dbeta's value term (fp32). Products in the operand dtype of U' and dU' (operand_dtype).
+    """Grid (chunks, H). Writes dv, dA_qk, dA_kk ([T_total, H, C], masked to their triangles),
+    and the elementwise parts of dq, dk, dG and dbeta (fp32) for _grad_pairwise_kernel. The
+    products take their operands in the dtype the state passes stored h, U', dh and dU' in
+    (operand_dtype).
 
     dA_kk comes as -dXv U'^T: with dXk = A_inv^T dW = -dXv S^T, the two terms of
     -(dXk W^T + dXv U^T) combine into -dXv (U - W S)^T. Summed separately they are of U's size
     and cancel down to U''s (the part of V the state does not predict), which costs bf16
     operands most of their digits."""
-    OP: tl.constexpr = vnew.dtype.element_ty
+    OP: tl.constexpr = h.dtype.element_ty
     i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
     bt = load_vector(beta + i_h, t0, rows, n, H)
     a_inv_t = tl.trans(load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)).to(OP)
+
+    # Value side: dA_qk, dXv (-> dv, dbeta, dA_kk), one block of value columns at a time.
     daq = tl.zeros([C, C], dtype=tl.float32)
     dak = tl.zeros([C, C], dtype=tl.float32)
     db = tl.zeros([C], dtype=tl.float32)
@@ -88,74 +91,54 @@ def _grad_values_kernel(
         dak -= mm(dxv.to(OP), tl.trans(vn), PREC)
     store_rows(daqk + i_h * C, tl.where(rows[:, None] >= cc[None, :], daq, 0.0),
                t0, rows, n, H * C, cc, C)
+
+    # Key side, one block of key channels at a time: the state products need a sweep over V.
+    chunk_state = (i_c * H + i_h).to(tl.int64) * K * V
+    for ik in range(tl.cdiv(K, BK)):
+        ck = ik * BK + tl.arange(0, BK)
+        dqg = tl.zeros([C, BK], dtype=tl.float32)
+        dw = tl.zeros([C, BK], dtype=tl.float32)
+        dkg = tl.zeros([C, BK], dtype=tl.float32)
+        dgc = tl.zeros([BK], dtype=tl.float32)
+        for iv in range(tl.cdiv(V, BV)):
+            cv = iv * BV + tl.arange(0, BV)
+            state_offs = chunk_state + ck[:, None] * V + cv[None, :]
+            state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+            s = tl.load(h + state_offs, mask=state_mask, other=0.0)
+            ds_next = tl.load(dh + state_offs, mask=state_mask, other=0.0)
+            do_t = load_tile(do + i_h * V, t0, rows, n, H * V, cv, V).to(OP)
+            vn = load_tile(vnew + i_h * V, t0, rows, n, H * V, cv, V)
+            dvn = load_tile(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
+            dqg += mm(do_t, tl.trans(s), PREC)
+            dw -= mm(dvn, tl.trans(s), PREC)
+            dkg += mm(vn, tl.trans(ds_next), PREC)
+            dgc += tl.sum(s.to(tl.float32) * ds_next.to(tl.float32), 1)
+        g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
+        e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
+        decay_in, decay_out = chunk_decays(e_in, e_out, totals, C, BC, BK)  # exp(G), exp(Gs)
+        qt = load_rows(q + i_h * K, t0, rows, n, H * K, ck, K)
+        kt = load_rows(k + i_h * K, t0, rows, n, H * K, ck, K)
+        qg = qt * decay_in * scale
+        kb = kt * decay_in
+        kg = kt * decay_out
+        dxk = mm(a_inv_t, dw.to(OP), PREC)
+        db += tl.sum(dxk * kb, 1)
+        dkb = dxk * bt[:, None]
+        store_rows(dq_part + i_h * K, dqg * decay_in * scale, t0, rows, n, H * K, ck, K)
+        store_rows(dk_part + i_h * K, dkb * decay_in + dkg * decay_out, t0, rows, n, H * K, ck, K)
+        # Kg_j = k_j exp(G_C - G_j) and gC = exp(G_C) depend on the chunk total G_C, a prefix sum
+        # of the last row: its gradient joins dG there and the reverse cumsum hands it to every
+        # row. The last row's own Kg = k exp(0) depends on no g, so its term is left out of both
+        # sides rather than added and cancelled (an O(1) term whose rounding would swamp a small
+        # dg under strong decay).
+        kg_term = tl.where((rows < n - 1)[:, None], dkg * kg, 0.0)
+        d_total = tl.sum(kg_term, 0) + dgc * tl.exp(tl.sum(g_t, 0))
+        dg_t = dqg * qg + dkb * kb - kg_term
+        dg_t += tl.where((rows == n - 1)[:, None], d_total[None, :], 0.0)
+        store_rows(dg_part + i_h * K, dg_t, t0, rows, n, H * K, ck, K)
     store_rows(dakk + i_h * C, tl.where(rows[:, None] > cc[None, :], dak, 0.0),
                t0, rows, n, H * C, cc, C)
     tl.store(dbeta_part + (t0 + rows).to(tl.int64) * H + i_h, db, mask=rows < n)
-
-
-@triton.jit
-def _grad_keys_kernel(
-    q, k, g, beta, ainv, h, dh, vnew, dvnew, do, dq_part, dk_part, dg_part, dbeta_keys,
-    chunks, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """Grid (chunks, H, cdiv(K, BK)). The key side of a chunk's backward for one block of key
-    channels (they do not mix): dQg = dO S^T, dW = -dU' S^T, dKg = U' dS_next^T (a sweep over
-    the value columns), dgC, dXk = A_inv^T dW; writes the elementwise parts of dq, dk and dG
-    (fp32) for _grad_pairwise_kernel, and this block's term of dbeta, dXk . exp(G) K, at
-    dbeta_keys [T_total, H, cdiv(K, BK)] (summed on the host: no atomics, the same sum every
-    run). Products in the operand dtype of h, dh, U', dU' (operand_dtype)."""
-    OP: tl.constexpr = h.dtype.element_ty
-    i_c, i_h, t0, n = chunk_program(chunks)
-    ik = tl.program_id(2)
-    rows = tl.arange(0, C)
-    cc = tl.arange(0, C)
-    ck = ik * BK + tl.arange(0, BK)
-    chunk_state = (i_c * H + i_h).to(tl.int64) * K * V
-    dqg = tl.zeros([C, BK], dtype=tl.float32)
-    dw = tl.zeros([C, BK], dtype=tl.float32)
-    dkg = tl.zeros([C, BK], dtype=tl.float32)
-    dgc = tl.zeros([BK], dtype=tl.float32)
-    for iv in range(tl.cdiv(V, BV)):
-        cv = iv * BV + tl.arange(0, BV)
-        state_offs = chunk_state + ck[:, None] * V + cv[None, :]
-        state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-        s = tl.load(h + state_offs, mask=state_mask, other=0.0)
-        ds_next = tl.load(dh + state_offs, mask=state_mask, other=0.0)
-        do_t = load_tile(do + i_h * V, t0, rows, n, H * V, cv, V).to(OP)
-        vn = load_tile(vnew + i_h * V, t0, rows, n, H * V, cv, V)
-        dvn = load_tile(dvnew + i_h * V, t0, rows, n, H * V, cv, V)
-        dqg += mm(do_t, tl.trans(s), PREC)
-        dw -= mm(dvn, tl.trans(s), PREC)
-        dkg += mm(vn, tl.trans(ds_next), PREC)
-        dgc += tl.sum(s.to(tl.float32) * ds_next.to(tl.float32), 1)
-    g_t, g_next = load_decays(g + i_h * K, t0, rows, n, H * K, ck, K)
-    e_in, e_out, totals = sub_block_decays(g_t, g_next, C, BC, BK)
-    decay_in, decay_out = chunk_decays(e_in, e_out, totals, C, BC, BK)  # exp(G), exp(Gs)
-    qt = load_rows(q + i_h * K, t0, rows, n, H * K, ck, K)
-    kt = load_rows(k + i_h * K, t0, rows, n, H * K, ck, K)
-    qg = qt * decay_in * scale
-    kb = kt * decay_in
-    kg = kt * decay_out
-    a_inv_t = tl.trans(load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)).to(OP)
-    dxk = mm(a_inv_t, dw.to(OP), PREC)
-    num_blocks = tl.num_programs(2)
-    tl.store(dbeta_keys + ((t0 + rows).to(tl.int64) * H + i_h) * num_blocks + ik,
-             tl.sum(dxk * kb, 1), mask=rows < n)
-    dkb = dxk * load_vector(beta + i_h, t0, rows, n, H)[:, None]
-    store_rows(dq_part + i_h * K, dqg * decay_in * scale, t0, rows, n, H * K, ck, K)
-    store_rows(dk_part + i_h * K, dkb * decay_in + dkg * decay_out, t0, rows, n, H * K, ck, K)
-    # Kg_j = k_j exp(G_C - G_j) and gC = exp(G_C) depend on the chunk total G_C, a prefix sum
-    # of the last row: its gradient joins dG there and the reverse cumsum hands it to every
-    # row. The last row's own Kg = k exp(0) depends on no g, so its term is left out of both
-    # sides rather than added and cancelled (an O(1) term whose rounding would swamp a small
-    # dg under strong decay).
-    kg_term = tl.where((rows < n - 1)[:, None], dkg * kg, 0.0)
-    d_total = tl.sum(kg_term, 0) + dgc * tl.exp(tl.sum(g_t, 0))
-    dg_t = dqg * qg + dkb * kb - kg_term
-    dg_t += tl.where((rows == n - 1)[:, None], d_total[None, :], 0.0)
-    store_rows(dg_part + i_h * K, dg_t, t0, rows, n, H * K, ck, K)
 
 
 @triton.jit
@@ -166,7 +149,7 @@ def _grad_pairwise_kernel(
 ):
     """Grid (chunks, H, C // BC): one program per sub-block I of BC rows. Adds the decayed-score
     terms of dA_qk (scores scale*q_i . k_j) and dA_kk (scores beta_i k_i . k_j) to the parts from
-    grad_chunk for the rows of I; writes dq, dk, dbeta there and dG (before its reverse
+    _grad_chunk_kernel for the rows of I; writes dq, dk, dbeta there and dG (before its reverse
     cumsum over the chunk, which grad_pairwise runs next) over dg_part's rows of I.
 
     Key channels BK at a time. The rows of I meet the earlier sub-blocks J as the row
@@ -294,18 +277,16 @@ def _chunk_reverse_cumsum_kernel(
 
 
 def grad_config(K: int, V: int, C: int) -> dict:
-    """Block sizes and warps of _grad_keys_kernel (BK key channels per program, BV value columns
-    per step) and _grad_values_kernel (BV and the warps): from C = 64 on, BK 32, BV 64, 4 warps.
-    On an H200 at K = V = 128, B8 T4k H32 with bf16 operands (bench/kda_tiles.py, whole
-    operator, when both were one kernel, commit df76fa2): forward + backward 22.1 ms against
-    23.7 at 8 warps, 22.9 with BV 16, 23.3 with BK 64 and 8 warps."""
+    """Block sizes and warps of _grad_chunk_kernel: from C = 64 on, key channels 32 and value
+    columns 64 at a time with 8 warps (on an H200 at K = V = 128, B8 T4k H32, bench/kda_tiles.py:
+    forward + backward 37.9 ms against 38.7 with BV 32, 39.5 with 4 warps, 40.9 with BK 64)."""
     if C >= 64:
         # Always the K = V = 128 tiles, padding smaller heads: with 8 warps and 16-wide tiles
-        # (K = 32, V = 16 at C = 64), Triton 3.6 compiled the key side's
+        # (K = 32, V = 16 at C = 64), Triton 3.6 compiled _grad_chunk_kernel's
         # tl.dot(tl.trans(a_inv), dw) into a shared-memory read past the allocation (an illegal
         # memory access on an H100, compute-sanitizer: "Invalid __shared__ read of size 512
         # bytes"); these tiles are the ones measured at realistic shapes.
-        return dict(BK=32, BV=64, num_warps=4, num_stages=1)
+        return dict(BK=32, BV=64, num_warps=8, num_stages=1)
     return dict(
         BK=min(32, max(16, triton.next_power_of_2(K))),
         BV=min(32, max(16, triton.next_power_of_2(V))),
@@ -332,8 +313,7 @@ def grad_chunk(
 ) -> tuple[torch.Tensor, ...]:
     """First backward stage, from the forward's A_inv [T_total, H, C] (fp32) and the state passes
     (h, dh [NC, H, K, V], U' = vnew and dU' = dvnew [T_total, H, V], in the operand dtype,
-    triton_common.operand_dtype): the value side (_grad_values_kernel) and the key side
-    (_grad_keys_kernel, one program per block of key channels).
+    triton_common.operand_dtype).
 
     q, k, g: [T_total, H, K]; v, do: [T_total, H, V]; beta: [T_total, H]. Returns dv (v's dtype),
     dA_qk and dA_kk [T_total, H, C], and the elementwise parts of dq, dk, dG (before its reverse
@@ -343,8 +323,6 @@ def grad_chunk(
     V = v.shape[-1]
     C = ainv.shape[-1]
     f32 = dict(dtype=torch.float32, device=q.device)
-    cfg = grad_config(K, V, C)
-    key_blocks = triton.cdiv(K, cfg["BK"])
     dv = torch.empty_like(v)
     daqk = torch.empty((T, H, C), **f32)
     dakk = torch.empty((T, H, C), **f32)
@@ -352,16 +330,11 @@ def grad_chunk(
     dk_part = torch.empty((T, H, K), **f32)
     dg_part = torch.empty((T, H, K), **f32)
     dbeta_part = torch.empty((T, H), **f32)
-    dbeta_keys = torch.empty((T, H, key_blocks), **f32)
-    _grad_values_kernel[(layout.num_chunks, H)](
-        v, beta, ainv, vnew, dvnew, do, dv, daqk, dakk, dbeta_part, layout.chunks, H,
-        V=V, C=C, PREC=precision, **{key: val for key, val in cfg.items() if key != "BK"},
+    _grad_chunk_kernel[(layout.num_chunks, H)](
+        q, k, v, g, beta, ainv, h, dh, vnew, dvnew, do,
+        dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part, layout.chunks, scale, H,
+        K=K, V=V, C=C, BC=SUB, PREC=precision, **grad_config(K, V, C),
     )
-    _grad_keys_kernel[(layout.num_chunks, H, key_blocks)](
-        q, k, g, beta, ainv, h, dh, vnew, dvnew, do, dq_part, dk_part, dg_part, dbeta_keys,
-        layout.chunks, scale, H, K=K, V=V, C=C, BC=SUB, PREC=precision, **cfg,
-    )
-    dbeta_part += dbeta_keys.sum(-1)
     return dv, daqk, dakk, dq_part, dk_part, dg_part, dbeta_part
 
 
