@@ -278,18 +278,19 @@ def _chunk_reverse_cumsum_kernel(
 
 def grad_config(K: int, V: int, C: int) -> dict:
     """Block sizes and warps of _grad_chunk_kernel: from C = 64 on, key channels 32 and value
-    columns 64 at a time with 4 warps. On an H200 at K = V = 128, B8 T4k H32 with bf16 operands
-    (bench/kda_tiles.py, whole operator, commit df76fa2): forward + backward 22.1 ms against 23.7
-    at 8 warps, 22.9 with BV 16, 23.3 with BK 64 and 8 warps. (Split into a value-side kernel
-    per chunk and a key-side kernel per block of key channels, at these tiles, it hit an illegal
-    memory access on the H200 at commit 0baa161; reverted.)"""
+    columns 64 at a time with 8 warps (on an H200 at K = V = 128, B8 T4k H32, bench/kda_tiles.py:
+    forward + backward 37.9 ms against 38.7 with BV 32, 39.5 with 4 warps, 40.9 with BK 64, fp32
+    operands). With bf16 operands 4 warps timed faster in the sweep (22.1 ms against 23.7, commit
+    df76fa2) but hit an illegal memory access on the H200 in the accuracy tests at B2 T4k H4
+    (commit de59dd1; the same with the kernel split in a value side and a key side, 0baa161):
+    another Triton 3.6 miscompile of this kernel's layouts, so 8 warps stay."""
     if C >= 64:
         # Always the K = V = 128 tiles, padding smaller heads: with 8 warps and 16-wide tiles
         # (K = 32, V = 16 at C = 64), Triton 3.6 compiled _grad_chunk_kernel's
         # tl.dot(tl.trans(a_inv), dw) into a shared-memory read past the allocation (an illegal
         # memory access on an H100, compute-sanitizer: "Invalid __shared__ read of size 512
         # bytes"); these tiles are the ones measured at realistic shapes.
-        return dict(BK=32, BV=64, num_warps=4, num_stages=1)
+        return dict(BK=32, BV=64, num_warps=8, num_stages=1)
     return dict(
         BK=min(32, max(16, triton.next_power_of_2(K))),
         BV=min(32, max(16, triton.next_power_of_2(V))),
