@@ -261,7 +261,8 @@ def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
     recompute the rest, deltatron/kernels/short_conv.py); the recurrence kernel's inputs q, k, v,
     g (fp32) and beta (fp32: sigmoid's output, and with more than one row per micro-batch also
     the kernel's contiguous copy, counted here in both cases)
-    and the A_qk, A_inv it keeps (fp32, chunk-size wide per head); the decay gate's input; the
+    and the A_qk, A_inv it keeps (chunk-size wide per head; A_qk in the activations' dtype, the
+    kernel's operand dtype for bf16, A_inv fp32); the decay gate's input; the
     gated output norm's inputs o and gate, and the output projection's input; with packed
     documents the int64 positions in the document."""
     h, hk = cfg.hidden_size, cfg.kda_num_heads * cfg.kda_head_dim
@@ -269,7 +270,7 @@ def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
     sharded = (
         a * (2 * hk + hv)  # short convolutions' inputs
         + a * (2 * hk + hv) + 4 * hk + 2 * 4 * heads  # recurrence inputs: q, k, v, g, beta (x2)
-        + 2 * 4 * cfg.kda_chunk_size * heads  # A_qk and A_inv the recurrence keeps
+        + (a + 4) * cfg.kda_chunk_size * heads  # A_qk and A_inv the recurrence keeps
         + a * hk  # decay gate's input
         + 2 * a * hv + a * hv  # output norm's o and gate; output projection's input
     )
