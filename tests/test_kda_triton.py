@@ -354,3 +354,29 @@ def test_chunk_layouts_are_built_once_per_distinct_offsets():
     assert chunk_layout([0, 5, 9], 8, DEVICE) is not first
     assert first.chunks.tolist() == [[0, 4], [4, 1], [5, 4]] and first.num_chunks == 3
     assert first.seq_chunks.tolist() == [0, 2, 3] and first.seq_offsets.tolist() == [0, 5, 9]
+
+
+def test_torch_compile_around_the_kernels():
+    """A compiled function with the Triton KDA inside (ops before and after it) gives the eager
+    outputs and gradients; dynamo may run the autograd Function outside its graphs, but must not
+    fail or change the result. aot_eager: the graphs around it are traced, not code-generated (no
+    C++ toolchain needed on CPU)."""
+    import torch._dynamo
+
+    q, k, v, g, beta = (x.to(DEVICE) for x in make_inputs(1, 40, 2, 16, 16, "mild", seed=12))
+
+    def step(q, k, v, g, beta):
+        o, s = kda(F.normalize(q * 2.0, dim=-1), k, v.tanh(), g, beta, backend="triton",
+                   chunk_size=16)
+        return (o * o).sum() + s.square().mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+        loss = fn(*xs)
+        loss.backward()
+        results.append([loss.detach()] + [x.grad for x in xs])
+    for eager, comp in zip(*results):
+        assert torch.allclose(eager, comp, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,9 @@
 
 Backends: "torch" (chunkwise parallel in pure PyTorch, differentiable; the CPU path and the GPU
 fallback), "naive" (token by token, the test oracle) and, where triton imports, "triton" (chunkwise
-forward and backward kernels for CUDA tensors, chunk_size 16, 32, 64 or 128; see triton_chunk.py).
+forward and backward kernels for CUDA tensors, chunk_size 16, 32, 64 or 128; see triton_chunk.py)
+and "recurrent" (token by token in one Triton kernel, forward only: generation against a carried
+state; see triton_recurrent.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _BACKENDS = ("torch", "naive")
 
 def available_backends() -> tuple[str, ...]:
     """Names `kda(..., backend=...)` accepts in this installation ("triton" only if it imports)."""
-    return _BACKENDS + (("triton",) if triton_available() else ())
+    return _BACKENDS + (("triton", "recurrent") if triton_available() else ())
 
 
 def kda(
@@ -54,8 +56,8 @@ def kda(
     """Run KDA with the chosen backend (shapes in the module docstring).
 
     scale defaults to K ** -0.5 and multiplies q inside. chunk_size is the chunk length of the
-    chunkwise backends; the naive backend ignores it. Raises ValueError for an unknown backend or
-    for inputs that do not fit.
+    chunkwise backends; the token-by-token ones ignore it. Raises ValueError for an unknown
+    backend or for inputs that do not fit.
     """
     if backend == "torch":
         return chunk_kda_torch(
@@ -75,6 +77,13 @@ def kda(
         return chunk_kda_triton(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        )
+    if backend == "recurrent" and backend in available_backends():
+        from deltatron.kernels.kda.triton_recurrent import fused_recurrent_kda
+
+        return fused_recurrent_kda(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     raise ValueError(
         f"KDA backend {backend!r} is not available; choose one of: "

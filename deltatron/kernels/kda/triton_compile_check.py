@@ -32,6 +32,7 @@ from deltatron.kernels.kda.triton_grad import (
     grad_config,
 )
 from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _scores_kernel, intra_config
+from deltatron.kernels.kda.triton_recurrent import _recurrent_fwd_kernel, recurrent_config
 from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_kernel, state_config
 
 # Largest dynamic shared memory per block (opt-in), bytes.
@@ -72,6 +73,8 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
         ("grad pairwise", _grad_pairwise_kernel,
          dict(no_v, BC=SUB, **pair_config(K, whole_head=False))),
         ("chunk reverse cumsum", _chunk_reverse_cumsum_kernel, dict(K=K, C=C, **cumsum_config(K))),
+        ("recurrent forward", _recurrent_fwd_kernel,
+         dict(K=K, V=V, HAS_H0=True, STORE_FINAL=True, **recurrent_config(K, V))),
     ]
 
 
