@@ -2,13 +2,16 @@
 
 torch's RMSNorm (megatron-core's `WrappedTorchNorm`) refuses sequence parallelism; this one marks
 its weight `sequence_parallel` so megatron-core all-reduces its gradient over TP ranks, and it
-normalises in fp32 before casting back, as Kimi Linear's reference implementation does.
+normalises in fp32 before casting back, as Kimi Linear's reference implementation does. On CUDA it
+runs the fused kernel (deltatron/kernels/rms_norm.py), elsewhere the same math eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from deltatron.kernels.rms_norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +25,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)

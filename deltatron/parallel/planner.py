@@ -247,11 +247,11 @@ class Items:
     routed: float = 0.0
 
 
-def _norm(a: int) -> int:
-    """Bytes per hidden element deltatron's RMSNorm (model/norm.py) saves itself: the fp32 copy
-    of its input it normalises, and the normalised values (model dtype) it multiplies by its
-    weight. Its output, saved by the next linear, is counted by the caller."""
-    return 4 + a
+def _norm(a: int, width: int) -> int:
+    """Bytes per token deltatron's RMSNorm (model/norm.py) saves itself over `width` elements, on
+    a GPU (the fused kernel, deltatron/kernels/rms_norm.py): its input and one fp32 rstd. Its
+    output, saved by the next linear, is counted by the caller."""
+    return a * width + 4
 
 
 def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
@@ -275,7 +275,7 @@ def _kda_items(cfg: ModelConfig, a: int, documents: bool) -> Items:
         + 2 * a * hv + a * hv  # output norm's o and gate; output projection's input
     )
     full = a * h + a * 2 * cfg.kda_head_dim + (8 if documents else 0)
-    return Items(replicated=_norm(a) * h, sharded=sharded, full=full)
+    return Items(replicated=_norm(a, h), sharded=sharded, full=full)
 
 
 def _mla_items(cfg: ModelConfig, a: int) -> Items:
@@ -289,7 +289,7 @@ def _mla_items(cfg: ModelConfig, a: int) -> Items:
     full = a * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     if cfg.q_lora_rank:
         full += a * 2 * cfg.q_lora_rank
-    return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=sharded, full=full)
+    return Items(replicated=_norm(a, cfg.hidden_size) + a * cfg.hidden_size, sharded=sharded, full=full)
 
 
 def _context_parallel_items(cfg: ModelConfig, a: int, cp: int) -> dict[str, Items]:
@@ -312,7 +312,10 @@ def _mlp_items(cfg: ModelConfig, a: int) -> Items:
     (`_norm`) and its output (fc1's input); fc1's output (gate and up, which the fused SwiGLU
     keeps) and fc2's input: 3 x ffn per token (counted with saved-tensor hooks, the kernel run by
     the Triton interpreter; megatron-core's eager glu on CPU keeps 5)."""
-    return Items(replicated=(_norm(a) + a) * cfg.hidden_size, sharded=3 * a * cfg.dense_ffn_hidden_size)
+    return Items(
+        replicated=_norm(a, cfg.hidden_size) + a * cfg.hidden_size,
+        sharded=3 * a * cfg.dense_ffn_hidden_size,
+    )
 
 
 def _moe_items(cfg: ModelConfig, a: int) -> Items:
@@ -330,7 +333,7 @@ def _moe_items(cfg: ModelConfig, a: int) -> Items:
     router = 4 * h + 3 * 4 * cfg.num_experts
     routed = 2 * a * h + 3 * a * fe + 4 + 2 * 8 if cfg.moe_grouped_gemm else 2 * a * h + 4 * a * fe
     return Items(
-        replicated=(_norm(a) + a) * h + router,
+        replicated=_norm(a, h) + a * h + router,
         sharded=3 * a * fe * cfg.num_shared_experts,  # fc1's output and fc2's input, as _mlp_items
         routed=routed,
     )

@@ -81,8 +81,8 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
 def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, object, dict, dict]]:
     """(label, kernel, constexprs and launch options, argument types) of the KDA layer's fused
     kernels around the recurrence (deltatron.kernels.short_conv, deltatron.kernels.kda_gating)
-    and of the MLPs' SwiGLU (deltatron.kernels.swiglu) as their launchers call them, activations
-    in `dtype`, head dim `head_dim`."""
+    and of the norms and the MLPs' SwiGLU (deltatron.kernels.rms_norm, deltatron.kernels.swiglu)
+    as their launchers call them, activations in `dtype`, head dim `head_dim`."""
     from deltatron.kernels import kda_gating, short_conv
 
     act = "*" + _TRITON_DTYPE[dtype]
@@ -110,6 +110,17 @@ def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, o
         ("gated norm fwd", kda_gating._norm_fwd_kernel, dict(gating, V=head_dim), norm),
         ("gated norm bwd", kda_gating._norm_bwd_kernel, dict(gating, V=head_dim), norm),
     ]
+    from deltatron.kernels import rms_norm
+
+    rn = dict(X=act, W=act, Y=act, RSTD="*fp32", DY=act, DX=act, DW="*fp32", D="i32", rows="i32",
+              eps="fp32")
+    for hidden in (head_dim * 16, 2304):  # the proxy's and the 48B model's hidden sizes at D 128
+        tiles = dict(rms_norm._block(hidden), num_stages=1)
+        out += [
+            (f"rms norm {hidden} fwd", rms_norm._rms_norm_fwd_kernel, tiles, rn),
+            (f"rms norm {hidden} bwd", rms_norm._rms_norm_bwd_kernel,
+             dict(tiles, ROWS=rms_norm.ROWS_PER_PROGRAM), rn),
+        ]
     from deltatron.kernels import swiglu
 
     glu = dict(X=act, P="*fp32", Y=act, DY=act, DX=act, DP="*fp32", NF="i32", TILES="i32")
