@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shutil
 import sys
 
 import torch
@@ -118,3 +119,31 @@ def fit_losses(overrides: list[str], steps: int) -> dict:
     cfg, resolved = compose([*overrides, f"train.steps={steps}", f"train.eval_interval={max(steps // 3, 1)}"])
     history = Trainer(cfg, resolved).fit()
     return {"losses": history["loss"], "val_losses": history["val_loss"]}
+
+
+# Triton writes a kernel's autotuning result to <cache dir>/<key>/<kernel>.autotune.json when
+# TRITON_CACHE_AUTOTUNING=1; the key covers the Triton version, the GPU, the kernel's source, the
+# tuning key (shapes) and the candidate configs, so a result is only reused where it applies.
+AUTOTUNE_SUFFIX = ".autotune.json"
+
+
+def autotune_results(cache_dir: str) -> list[str]:
+    """Paths, relative to cache_dir, of the autotuning results it holds (none if it is absent)."""
+    found = []
+    for root, _, files in os.walk(cache_dir):
+        found += [os.path.relpath(os.path.join(root, f), cache_dir)
+                  for f in files if f.endswith(AUTOTUNE_SUFFIX)]
+    return sorted(found)
+
+
+def copy_autotune_results(src: str, dst: str) -> int:
+    """Copy the autotuning results of Triton cache src into cache dst (keeping their key folders,
+    leaving the compiled kernels behind: those are rebuilt in seconds, the tuning took minutes).
+    Returns how many were copied. fla's kernels autotune for 200-300 s on a fresh GPU machine; the
+    benchmarks carry these files from one device call to the next (--autotune-cache) and say so in
+    their results, since a reference's first step is then no longer a cold start."""
+    results = autotune_results(src)
+    for rel in results:
+        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
+    return len(results)

@@ -15,7 +15,9 @@ against our kernels run on the same inputs widened to fp32 (3xTF32 products, hel
 token-by-token oracle by tests/test_kda_triton.py): fla's errors are the yardstick for ours,
 which the accuracy tests in tests/test_kda_triton.py bound. The varlen row packs documents of mixed lengths into one row through
 cu_seqlens. The first call of each implementation (Triton compilation, fla's autotuning) is timed
-separately as the cold start.
+separately as the cold start; with --autotune-cache DIR, fla's autotuning results from an
+earlier run are reused (and the new ones added to DIR), which the results file says: its first
+call is then no cold start.
 
 Inputs are shaped as the model feeds the kernel: q, k L2-normalised per head (bf16), v bf16,
 g = -exp(A_log) * softplus(x + dt_bias) per channel (fp32, log space), beta = sigmoid(.) (fp32).
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deltatron.kernels.kda import kda  # noqa: E402
+from common import copy_autotune_results  # noqa: E402
 
 CHUNK = 64
 DEFAULT_SHAPES = ("8x4096", "2x16384", "1x65536", "varlen16384")
@@ -244,6 +247,9 @@ def main(argv=None) -> None:
                         help="comma list of ours, fla (the results file needs both; one alone is for profiling)")
     parser.add_argument("--profile", action="store_true", help="print CUDA time per kernel of each implementation")
     parser.add_argument("--out", default=None, help="default: bench/results/kda_<gpu>.json")
+    parser.add_argument("--autotune-cache", default=None,
+                        help="folder of Triton autotuning results carried between runs (read and "
+                             "added to; see common.copy_autotune_results)")
     args = parser.parse_args(argv)
     impl_names = tuple(args.impls.split(","))
     if not set(impl_names) <= {"ours", "fla"}:
@@ -251,6 +257,13 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/kda_op.py needs a CUDA GPU (the Triton kernels and fla's run there)")
 
+    carried = 0
+    if args.autotune_cache:  # before triton and fla are imported: fla's autotuners read it then
+        import tempfile
+
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kda-op-triton-")
+        os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+        carried = copy_autotune_results(args.autotune_cache, os.environ["TRITON_CACHE_DIR"])
     import triton
 
     try:
@@ -270,6 +283,8 @@ def main(argv=None) -> None:
         "benchmark": "kda_op", "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "fla": getattr(fla, "__version__", "unknown"), "dtype": "bf16", "chunk_size": CHUNK,
         "reference": "fla.ops.kda.chunk_kda, timed in the same run (fla_* columns)",
+        "autotune_cache": (f"{carried} Triton autotuning results carried from an earlier run: "
+                           "fla's first calls are not cold starts") if carried else "none (cold)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/kda_op.py " + " ".join(
             f"--shapes {' '.join(args.shapes)} --heads {args.heads} --head-dim {args.head_dim} "
@@ -280,6 +295,8 @@ def main(argv=None) -> None:
     for spec in args.shapes:
         row = bench_shape(spec, args.heads, args.head_dim, args.warmup, args.iters, impl_names, args.profile)
         print(json.dumps(row), flush=True)
+        if args.autotune_cache:  # after every shape, so a run cut short keeps what it tuned
+            copy_autotune_results(os.environ["TRITON_CACHE_DIR"], args.autotune_cache)
         if set(impl_names) != {"ours", "fla"}:
             continue  # a partial comparison is printed, not written over the results file
         result["rows"].append(row)

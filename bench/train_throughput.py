@@ -28,8 +28,10 @@ without TE). fla's Triton kernels autotune on their first step (268 s on an H100
 Reported per job: median step seconds over --steps timed steps (after --warmup), tokens/s, model
 TFLOP/s and MFU, peak memory (torch.cuda.max_memory_allocated), cold start (launch of the job's
 process to the end of its first step; the first job of each trainer starts with an empty Triton
-cache, as on a fresh machine, later ones reuse it: "triton_cache" says which), and the time split
-per step.
+cache, as on a fresh machine, later ones reuse it: "triton_cache" says which; with
+--autotune-cache DIR each job's cache starts with the autotuning results DIR holds and hands its
+own back, so fla's kernels do not autotune again in a later device call, and "triton_cache" says
+how many results were carried), and the time split per step.
 
 FLOPs (deltatron/train/flops.py, the same formula for every trainer, so MFU compares like with
 like): training FLOPs per token = 3 x forward, forward = 2 x the matrix parameters a token passes
@@ -66,7 +68,9 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, compose, device_name, device_tag, environment, sync  # noqa: E402
+from common import (  # noqa: E402
+    REPO, compose, copy_autotune_results, device_name, device_tag, environment, sync,
+)
 
 
 @dataclass(frozen=True)
@@ -362,11 +366,13 @@ def _run_job(name: str, job: Job, args, tmp: str, timeout: float) -> dict:
     # on a fresh machine; its later jobs reuse the kernels, as a second run on one machine would
     triton_cache = os.path.join(tmp, f"triton-{job.kind}")
     fresh = not os.path.isdir(triton_cache)
+    carried = copy_autotune_results(args.autotune_cache, triton_cache) if args.autotune_cache else 0
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--job", name, "--tmp", tmp,
            "--result", result_path, "--steps", str(args.steps), "--warmup", str(args.warmup),
            *(["--cpu"] if args.cpu else []), *(["--profile"] if args.profile else []), *args.overrides]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1", TRITON_CACHE_DIR=triton_cache,
+               TRITON_CACHE_AUTOTUNING="1" if args.autotune_cache else "0",
                TRAIN_THROUGHPUT_LAUNCHED=repr(time.time()))
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -376,11 +382,16 @@ def _run_job(name: str, job: Job, args, tmp: str, timeout: float) -> dict:
         status = "ok" if proc.returncode == 0 else f"failed: exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
         status = f"timed out after {timeout:.0f}s"
+    if args.autotune_cache:
+        copy_autotune_results(triton_cache, args.autotune_cache)
+    cache_state = "fresh" if fresh else "warm"
+    if carried:
+        cache_state += f", {carried} autotuning results carried from an earlier run"
     if status == "ok" and os.path.exists(result_path):
         with open(result_path) as f:
             part = json.load(f)
         return {**part["result"], "status": "ok", "wall_s": time.time() - start,
-                "triton_cache": "fresh" if fresh else "warm", "environment": part["environment"]}
+                "triton_cache": cache_state, "environment": part["environment"]}
     return {"status": status, "wall_s": time.time() - start}
 
 
@@ -396,6 +407,9 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU, fp32 (checks the script)")
     parser.add_argument("--out", default=None, help="default: bench/results/train_throughput_<device>.json")
     parser.add_argument("--profile-out", default=None, help="default: next to --out, .profile.txt")
+    parser.add_argument("--autotune-cache", default=None,
+                        help="folder of Triton autotuning results carried between runs (read and "
+                             "added to; see common.copy_autotune_results)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
