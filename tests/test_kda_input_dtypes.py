@@ -1,7 +1,8 @@
 """The KDA mixer hands the recurrence q, k and v of one dtype.
 
 Under bf16 training the fp32 L2 normalisation must not leave q and k in fp32: the Triton kernel
-chooses its tl.dot precision from the input dtypes, and mixed inputs cost 3xTF32 products.
+chooses its intermediates' dtype and tl.dot precision from the input dtypes, and mixed inputs cost
+fp32 intermediates and 3xTF32 products.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import deltatron.model.kda as kda_module
-from deltatron.kernels.kda.triton_common import dot_precision
+from deltatron.kernels.kda.triton_common import dot_precision, operand_dtype
 from deltatron.model.config import ModelConfig
 from deltatron.model.model import build_model
 
@@ -31,4 +32,5 @@ def test_bf16_kda_passes_one_dtype_to_the_recurrence(seeded, monkeypatch):
     out, _ = kda(x)
     assert seen == {"q": torch.bfloat16, "k": torch.bfloat16, "v": torch.bfloat16}
     assert dot_precision(seen["q"], seen["k"], seen["v"]) == "tf32"
+    assert operand_dtype(seen["q"], seen["k"], seen["v"]) == torch.bfloat16
     assert out.dtype == torch.bfloat16

@@ -200,7 +200,8 @@ class KimiDeltaAttention(MegatronModule):
         v = proj(self.linear_v, x)
         # SiLU(short conv), q and k L2-normalised per head in fp32 and handed on in the
         # activations' dtype (as fla's l2norm): with fp32 q, k next to a bf16 v the Triton kernel
-        # would see mixed inputs and run 3xTF32 products (triton_common.dot_precision).
+        # would see mixed inputs and keep fp32 intermediates with 3xTF32 products
+        # (triton_common.operand_dtype, dot_precision).
         if cp is not None:
             q, k, v = self._convolve_with_halo(q, k, v, doc_pos, cp)
         else:
