@@ -1,0 +1,62 @@
+"""The Transformer Engine path against megatron-core's local modules: one model's weights, loaded
+into both, give the same loss and gradients.
+
+`model.transformer_impl` picks TE's modules (fused norm + column-parallel input projections,
+row-parallel outputs, TE attention) when transformer-engine imports, the local ones otherwise; the
+KDA recurrence and the rest of deltatron's layers sit between them either way. Needs a CUDA GPU
+with Transformer Engine (../shared/tools/te-for-device assembles TE 2.11 on the GPU machine):
+skipped elsewhere, CI included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from deltatron.model.te import te_available
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and te_available()),
+    reason="needs a CUDA GPU with Transformer Engine (../shared/tools/te-for-device)",
+)
+
+# The one parameter that moves: the local model keeps the dense MLP's pre-norm as its own module,
+# TE fuses it into the first linear (the checkpoints already share TE's key, model/specs.py).
+_TE_NAMES = {"pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def te_name(name: str) -> str:
+    for local, te in _TE_NAMES.items():
+        if name.endswith(local):
+            return name[: -len(local)] + te
+    return name
+
+
+def test_te_model_matches_the_local_model(seeded):
+    from deltatron.model.config import ModelConfig
+    from deltatron.model.model import build_model
+    from test_kda_triton import rel_err
+
+    # SequentialMLP experts under both (moe_grouped_gemm=False): the same expert parameter names
+    cfg = ModelConfig(moe_grouped_gemm=False)
+    local = build_model(dataclasses.replace(cfg, transformer_impl="local")).cuda()
+    te = build_model(dataclasses.replace(cfg, transformer_impl="transformer_engine")).cuda()
+    local_params, te_params = dict(local.named_parameters()), dict(te.named_parameters())
+    assert {te_name(n) for n in local_params} == set(te_params)
+    with torch.no_grad():
+        for name, p in local_params.items():
+            te_params[te_name(name)].copy_(p)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 64), device="cuda")
+    results = []
+    for model in (local, te):
+        loss = model(tokens, None, None, labels=tokens).float().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_local, grads_local), (loss_te, grads_te) = results
+    # fp32 weights; TE's GEMMs and fused norms may take TF32 and another summation order
+    assert torch.allclose(loss_te, loss_local, rtol=1e-3)
+    for name, grad in grads_local.items():
+        assert grad is not None and grads_te[te_name(name)] is not None, name
+        assert rel_err(grads_te[te_name(name)], grad) <= 1e-2, name
