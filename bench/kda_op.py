@@ -13,8 +13,8 @@ memory of one forward + backward above the inputs, and each implementation's rel
 (largest absolute difference over the largest absolute value) in o and every input gradient
 against our kernels run on the same inputs widened to fp32 (3xTF32 products, held to the
 token-by-token oracle by tests/test_kda_triton.py): fla's errors are the yardstick for ours,
-which the accuracy tests in tests/test_kda_triton.py bound. The varlen row packs documents of mixed lengths into one row through
-cu_seqlens. The first call of each implementation (Triton compilation, fla's autotuning) is timed
+which the accuracy tests in tests/test_kda_triton.py bound. The varlen row packs documents of
+mixed lengths into one row through cu_seqlens. The first call of each implementation (Triton compilation, fla's autotuning) is timed
 separately as the cold start; with --autotune-cache DIR, fla's autotuning results from an
 earlier run are reused (and the new ones added to DIR), which the results file says: its first
 call is then no cold start.

@@ -24,8 +24,8 @@ def require_interpreter() -> None:
     """These tests run the Triton kernels on CPU tensors: on a GPU machine (no TRITON_INTERPRET)
     the layer takes the kernels by itself, and tests/test_kda_triton.py and the kernel tests
     check them there."""
-    triton_chunk = pytest.importorskip("deltatron.kernels.kda.triton_chunk", reason="needs triton")
-    if not triton_chunk._INTERPRETED:
+    triton_common = pytest.importorskip("deltatron.kernels.kda.triton_common", reason="needs triton")
+    if not triton_common.INTERPRETED.value:
         pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (conftest sets it)")
 
 

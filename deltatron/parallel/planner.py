@@ -289,7 +289,8 @@ def _mla_items(cfg: ModelConfig, a: int) -> Items:
     full = a * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     if cfg.q_lora_rank:
         full += a * 2 * cfg.q_lora_rank
-    return Items(replicated=_norm(a, cfg.hidden_size) + a * cfg.hidden_size, sharded=sharded, full=full)
+    h = cfg.hidden_size
+    return Items(replicated=_norm(a, h) + a * h, sharded=sharded, full=full)
 
 
 def _context_parallel_items(cfg: ModelConfig, a: int, cp: int) -> dict[str, Items]:

@@ -44,9 +44,9 @@ per key block through a reference row of the sub-block when the in-block log dec
 exponents and the inverse are fp32 (16-bit inputs are converted on load). The state passes' and
 grad_chunk's products take bf16 operands for bf16 inputs (the operand dtype), fp32 accumulation;
 every other tl.dot multiplies fp32 tiles, "tf32" for 16-bit inputs and "tf32x3" (about fp32) for
-fp32 inputs (triton_common.dot_precision). No autotuning, so a fresh GPU compiles each kernel once per shape
-class. triton_compile_check.py compiles them all for a target (sm_90 by default) without a GPU and
-reports shared memory, registers and spills.
+fp32 inputs (triton_common.dot_precision). No autotuning, so a fresh GPU compiles each kernel once
+per shape class. triton_compile_check.py compiles them all for a target (sm_90 by default) without
+a GPU and reports shared memory, registers and spills.
 
 Packed documents: every sequence is cut into its own chunks on the host (a chunk never straddles
 two documents, the last one may be ragged), so each program reads only its document's tokens and
@@ -63,16 +63,12 @@ from torch.autograd.function import once_differentiable
 
 from deltatron.kernels import on_device
 from deltatron.kernels.kda.checks import check_kda_inputs
-from deltatron.kernels.kda.triton_common import chunk_layout, dot_precision
+from deltatron.kernels.kda.triton_common import chunk_layout, dot_precision, flatten_for_kernels
 from deltatron.kernels.kda.triton_grad import grad_chunk, grad_pairwise
-from deltatron.kernels.kda.triton_intra import _scores_kernel, intra_chunk_factors, intra_chunk_fwd
+from deltatron.kernels.kda.triton_intra import intra_chunk_factors, intra_chunk_fwd
 from deltatron.kernels.kda.triton_state import state_bwd, state_fwd
 
 SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
-MAX_HEAD_DIM = 256
-
-# Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (numpy); compiled ones need CUDA.
-_INTERPRETED = type(_scores_kernel).__name__ == "InterpretedFunction"
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -156,18 +152,12 @@ def chunk_kda_triton(
             f"chunk_size={chunk_size!r}: the triton KDA backend supports "
             f"{', '.join(map(str, SUPPORTED_CHUNK_SIZES))} (the torch backend takes any size)"
         )
+    offsets, flat = flatten_for_kernels(
+        shapes, q, k, v, g, beta, "the triton KDA backend", cpu_backend="torch"
+    )
     B, T, H, K, V = (
         shapes.batch, shapes.seq_len, shapes.heads, shapes.head_k_dim, shapes.head_v_dim,
     )
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dims K={K}, V={V}: the triton KDA backend supports up to {MAX_HEAD_DIM}"
-        )
-    if q.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(
-            f"the triton KDA backend needs CUDA tensors, got {q.device}; use backend='torch' "
-            "(or set TRITON_INTERPRET=1 before importing it, to run the kernels on CPU)"
-        )
     if T == 0:  # nothing to run: every sequence is empty
         if initial_state is None:
             final = q.new_zeros((shapes.num_seqs, H, K, V), dtype=torch.float32)
@@ -175,15 +165,9 @@ def chunk_kda_triton(
             final = initial_state.float()
         return v.new_zeros(v.shape), (final if output_final_state else None)
 
-    offsets = shapes.offsets if shapes.offsets is not None else [b * T for b in range(B + 1)]
     layout = chunk_layout(offsets, chunk_size, q.device)
-
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(B * T, *x.shape[2:]).contiguous()
-
     init = initial_state.contiguous() if initial_state is not None else None
     o, final = ChunkKDAFunction.apply(
-        flat(q), flat(k), flat(v), flat(g), flat(beta), init, layout, shapes.scale, chunk_size,
-        output_final_state,
+        *flat, init, layout, shapes.scale, chunk_size, output_final_state,
     )
     return o.view(B, T, H, V), final

@@ -110,6 +110,32 @@ def dot_precision(*dtypes: torch.dtype) -> str:
     return _PRECISION_OVERRIDE or ("tf32" if half else "tf32x3")
 
 
+# Largest head dims the Triton backends take: their state tiles hold K (padded to a power of two)
+# by a block of value columns in registers.
+MAX_HEAD_DIM = 256
+
+
+def flatten_for_kernels(shapes, q, k, v, g, beta, name: str, cpu_backend: str):
+    """What both Triton KDA backends (triton_chunk, triton_recurrent) do before launching, for
+    inputs `check_kda_inputs` accepted (`shapes`, its KDAShapes): refuse head dims above
+    MAX_HEAD_DIM and non-CUDA tensors (unless TRITON_INTERPRET=1 was set before import), naming
+    the backend (`name`) and the one to use on CPU instead. Returns the sequences' token offsets
+    (cu_seqlens' or one per batch row, [N + 1] Python ints) and q, k, v, g, beta flattened to
+    [B * T, ...], contiguous."""
+    K, V = shapes.head_k_dim, shapes.head_v_dim
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise ValueError(f"head dims K={K}, V={V}: {name} supports up to {MAX_HEAD_DIM}")
+    if q.device.type != "cuda" and not INTERPRETED.value:
+        raise ValueError(
+            f"{name} needs CUDA tensors, got {q.device}; use backend={cpu_backend!r} (or set "
+            "TRITON_INTERPRET=1 before importing it, to run the kernels on CPU)"
+        )
+    B, T = shapes.batch, shapes.seq_len
+    offsets = shapes.offsets if shapes.offsets is not None else [b * T for b in range(B + 1)]
+    flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
+    return offsets, flat
+
+
 def operand_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """dtype of the intermediates the state passes and the gradient pass multiply (A_qk, W, U,
     Qg, Kg, the per-chunk states h and U', their gradients dh and dU'), for a call whose q, k, v

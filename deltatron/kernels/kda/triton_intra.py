@@ -208,9 +208,9 @@ class IntraChunk:
     kg:   [T_total, H, K]  k * exp(Gs)
     gc:   [NC, H, K]       exp(G_C), the decay over the whole chunk
     ainv and gc fp32, the others (the state passes' operands) in the operand dtype
-    (triton_common.operand_dtype). The forward keeps aqk and ainv for the backward (0.5 KB per token and head at
-    C = 64), which then recomputes only the rest (`intra_chunk_factors`): the scores and the
-    inverse are most of the pass's cost.
+    (triton_common.operand_dtype). The forward keeps aqk and ainv for the backward (0.38 KB per
+    token and head at C = 64 with bf16 operands, 0.5 KB in fp32), which then recomputes only the
+    rest (`intra_chunk_factors`): the scores and the inverse are most of the pass's cost.
     """
 
     aqk: torch.Tensor

@@ -21,9 +21,7 @@ import triton.language as tl
 
 from deltatron.kernels import on_device
 from deltatron.kernels.kda.checks import check_kda_inputs
-
-MAX_HEAD_DIM = 256
-
+from deltatron.kernels.kda.triton_common import flatten_for_kernels
 
 @triton.jit
 def _recurrent_fwd_kernel(
@@ -98,26 +96,14 @@ def fused_recurrent_kda(
             "the fused recurrent KDA kernel has no backward (it is for generation); run it under "
             "torch.no_grad(), or use kda(backend='triton') (chunkwise, differentiable) to train"
         )
+    offsets, flat = flatten_for_kernels(
+        shapes, q, k, v, g, beta, "the fused recurrent KDA kernel", cpu_backend="naive"
+    )
     B, T, H, K, V = (
         shapes.batch, shapes.seq_len, shapes.heads, shapes.head_k_dim, shapes.head_v_dim,
     )
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dims K={K}, V={V}: the fused recurrent KDA kernel supports up to {MAX_HEAD_DIM}"
-        )
-    interpreted = type(_recurrent_fwd_kernel).__name__ == "InterpretedFunction"
-    if q.device.type != "cuda" and not interpreted:
-        raise ValueError(
-            f"the fused recurrent KDA kernel needs CUDA tensors, got {q.device}; use "
-            "backend='naive' on CPU (or set TRITON_INTERPRET=1 before importing triton)"
-        )
     N = shapes.num_seqs
-    offsets = shapes.offsets if shapes.offsets is not None else [b * T for b in range(B + 1)]
     seq_offsets = torch.tensor(list(offsets), dtype=torch.int32, device=q.device)
-
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(B * T, *x.shape[2:]).contiguous()
-
     o = torch.empty((B * T, H, V), dtype=v.dtype, device=v.device)
     final = torch.empty((N, H, K, V), dtype=torch.float32, device=q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -125,7 +111,7 @@ def fused_recurrent_kda(
     if N > 0 and H > 0:
         with on_device(q):
             _recurrent_fwd_kernel[(N, H, triton.cdiv(V, cfg["BV"]))](
-                flat(q), flat(k), flat(v), flat(g), flat(beta), h0 if h0 is not None else final,
+                *flat, h0 if h0 is not None else final,
                 o, final, seq_offsets, shapes.scale, H,
                 K=K, V=V, HAS_H0=h0 is not None, STORE_FINAL=output_final_state, **cfg,
             )

@@ -56,11 +56,11 @@ def _state_fwd_kernel(
         t0 = bos + ic * C
         n = tl.minimum(eos - t0, C)
         chunk = (first_chunk + ic) * H + i_h
+        s_op = s.to(OP)
         if STORE_H:
-            tl.store(h + chunk.to(tl.int64) * K * V + state_offs, s.to(OP), mask=state_mask)
+            tl.store(h + chunk.to(tl.int64) * K * V + state_offs, s_op, mask=state_mask)
         w_t = load_tile(w + i_h * K, t0, rows, n, H * K, rk, K)
         u_t = load_rows(u + i_h * V, t0, rows, n, H * V, cv, V)
-        s_op = s.to(OP)
         v_new = u_t - mm(w_t, s_op, PREC)
         v_op = v_new.to(OP)
         if STORE_O:
