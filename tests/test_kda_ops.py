@@ -41,6 +41,8 @@ def make_inputs(B, T, H, K, V, decay="mild", seed=0):
             -20 * torch.rand(B, T, H, K, generator=gen),
             -0.01 * torch.rand(B, T, H, K, generator=gen),
         )
+    elif decay == "near_bound":  # -6 .. -7 per token: in-block log decays up to 56 (factored)
+        g = -(6 + torch.rand(B, T, H, K, generator=gen))
     elif decay == "spiky":  # long memory with rare near-resets: large cumulative decays
         spike = torch.rand(B, T, H, K, generator=gen) < 0.1
         g = torch.where(spike, torch.full((B, T, H, K), -30.0), -1e-3 * torch.rand(B, T, H, K, generator=gen))

@@ -120,6 +120,17 @@ def test_strong_decays(decay, chunk):
     assert_all_close(tri, ref)
 
 
+def test_in_block_factoring_near_its_bound():
+    """-6 to -7 per token on every channel: the in-block log decays reach 56, just inside
+    IN_BLOCK_FACTOR_BOUND, so every sub-block's in-block pairs go through the factored product
+    exp(L_i) exp(-L_j), whose factors are as large as e^56 and carry L's rounding."""
+    from deltatron.kernels.kda.triton_common import IN_BLOCK_FACTOR_BOUND
+
+    assert 7 * 8 <= IN_BLOCK_FACTOR_BOUND.value  # 8 tokens below the reference row at most
+    tri, ref = run_both(1, 96, 2, 16, 16, 64, "near_bound", True, seed=13)
+    assert_all_close(tri, ref)
+
+
 def test_wide_heads_use_several_channel_and_value_blocks():
     """K = 80, V = 72: two key-channel blocks (the second one partly masked) in the chunk-parallel
     kernels and several value blocks everywhere, which the small heads above never reach."""

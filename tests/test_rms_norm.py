@@ -70,12 +70,13 @@ def test_model_with_fused_norms_matches_eager(fused, seeded, monkeypatch):
     from deltatron.model.config import ModelConfig
     from deltatron.model.model import build_model
 
-    cfg = ModelConfig()
+    cfg = ModelConfig(transformer_impl="local")  # TE's norms, where it imports, are its own
     torch.manual_seed(0)
     model = build_model(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    # the default device: CUDA on a GPU machine, where norm_module.rms_norm would be fused too
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32)).to(next(model.parameters()).device)
     results = []
-    for fn in (norm_module.rms_norm, fused):
+    for fn in (rms_norm_reference, fused):
         monkeypatch.setattr(norm_module, "rms_norm", fn)
         model.zero_grad(set_to_none=True)
         loss = model(tokens, None, None, labels=tokens).float().mean()

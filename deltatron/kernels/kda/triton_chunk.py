@@ -40,7 +40,7 @@ K = V = 128 tiles for every head size (smaller heads are padded): with 16-wide f
 warps Triton 3.6 miscompiled _grad_chunk_kernel (an out-of-bounds shared-memory read, an illegal
 memory access on the H100). In-block pairs (both tokens in one 16-token sub-block) are one tl.dot
 per key block through a reference row of the sub-block when the in-block log decays are at most
-40 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). Sums,
+60 in size (triton_common.in_block_log_decay), else column by column (in_block_decay_step). Sums,
 exponents and the inverse are fp32 (16-bit inputs are converted on load). The state passes' and
 grad_chunk's products take bf16 operands for bf16 inputs (the operand dtype), fp32 accumulation;
 every other tl.dot multiplies fp32 tiles, "tf32" for 16-bit inputs and "tf32x3" (about fp32) for

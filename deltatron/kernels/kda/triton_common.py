@@ -18,7 +18,7 @@ which makes them inert, so they change neither the state nor any valid row.
 Decays: every exp() below is of a sum of g's taken directly from the g's, never of a difference
 of two prefix sums (which would cancel when a strong decay precedes weak ones: g = -20 then -0.001
 per token). All are of sums <= 0 except the in-block factors exp(-L) of in_block_log_decay, which
-are used only where |L| <= IN_BLOCK_FACTOR_BOUND (40), far from fp32 overflow; past it the in-block
+are used only where |L| <= IN_BLOCK_FACTOR_BOUND (60), inside fp32's range; past it the in-block
 pairs take the column-by-column path (in_block_decay_step, products of exp(g) <= 1).
 """
 
@@ -300,8 +300,15 @@ def chunk_decays(e_in, e_out, totals, C: tl.constexpr, BC: tl.constexpr, BK: tl.
 
 
 # In-block pairs go through one product per key block when every |in_block_log_decay| of the
-# (chunk, key block) is at most this: exp(+-40) and their products stay far inside fp32.
-IN_BLOCK_FACTOR_BOUND = tl.constexpr(40.0)
+# (chunk, key block) is at most this. Every factor exp(+-L) then lies in [e^-60, e^60] (normal
+# fp32), and so does every lower-triangle term the products sum: exp(L_i) exp(-L_j) <= 1 for
+# j <= i. Upper-triangle entries of the forward's products may overflow; they are discarded by
+# tl.where, never multiplied. The backward's intermediate sums dA @ (k exp(-L)) stay below
+# 16 |dA| e^60 (fp32 overflows at e^88.7). Price: exp(L) carries L's rounding, |L| 2^-24 relative,
+# so a factor is off by at most 7e-6 relative (fp32 products; tf32's own rounding is 5e-4).
+# Past the bound the pairs go column by column (slower): with 40, the kernels took that path in
+# most sub-blocks of the strongest heads of bench/kda_op.py's gates (a up to 16, 7-token sums).
+IN_BLOCK_FACTOR_BOUND = tl.constexpr(60.0)
 
 
 @triton.jit
@@ -337,23 +344,3 @@ def in_block_decay_step(decay, g_ptr, t0, first_of_block, local, jj, n, stride, 
     """
     g_up = load_rows(g_ptr, t0, first_of_block + jj + 1, n, stride, cols, ncols)
     return tl.where(local > jj, decay * tl.exp(g_up), tl.where(local == jj, 1.0, 0.0))
-
-
-@triton.jit
-def block_diag_gather(a, C: tl.constexpr, BC: tl.constexpr):
-    """[C, C] -> [C, BC]: out[i, c] = a[i, block(i) * BC + c], the diagonal sub-blocks row by
-    row."""
-    NS: tl.constexpr = C // BC
-    rows = tl.arange(0, C)
-    own = (rows // BC)[:, None, None] == tl.arange(0, NS)[None, :, None]
-    return tl.sum(tl.where(own, tl.reshape(a, [C, NS, BC]), 0.0), 1)
-
-
-@triton.jit
-def block_diag_spread(x, C: tl.constexpr, BC: tl.constexpr):
-    """[C, BC] -> [C, C], the inverse of block_diag_gather: x[i, c] lands at column
-    block(i) * BC + c, everything outside the diagonal sub-blocks is 0."""
-    NS: tl.constexpr = C // BC
-    rows = tl.arange(0, C)
-    own = (rows // BC)[:, None, None] == tl.arange(0, NS)[None, :, None]
-    return tl.reshape(tl.where(own, x[:, None, :], 0.0), [C, C])

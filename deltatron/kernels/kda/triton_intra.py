@@ -19,8 +19,6 @@ import triton.language as tl
 from deltatron.kernels.kda.triton_common import (
     SUB,
     ChunkLayout,
-    block_diag_gather,
-    block_diag_spread,
     chunk_decays,
     IN_BLOCK_FACTOR_BOUND,
     in_block_decay_step,
@@ -46,7 +44,8 @@ def _scores_kernel(
     """Grid (chunks, H, C // BC): one program per sub-block I of BC rows writes rows I of
         A_qk[i, j] = sum_c scale q_i k_j exp(G_i - G_j)          j <= i
         A_kk[i, j] = beta_i sum_c k_i k_j exp(G_i - G_j)         j < i
-    ([T_total, H, C], A_qk in the operand dtype and A_kk fp32, zero above the diagonal). All key
+    ([T_total, H, C], A_qk in the operand dtype and A_kk fp32, zero above the diagonal), except
+    that A_kk's diagonal block holds (I + A_kk[I, I])^-1 - I, for merge_block_inverse. All key
     channels at once (BK >= K).
 
     A pair across sub-blocks (J < I) factors through the boundary after J:
@@ -106,7 +105,10 @@ def _scores_kernel(
             qk += tl.where(at_jj & incl, tl.sum(qt * k_col, 1)[:, None], 0.0)
             kk += tl.where(at_jj & strict, tl.sum(kbt * k_col, 1)[:, None], 0.0)
     store_rows(aqk + i_h * C + first, qk, t0, rows, n, H * C, local, BC)
-    store_rows(akk + i_h * C + first, kk, t0, rows, n, H * C, local, BC)
+    # the diagonal block's own inverse, for merge_block_inverse (one small substitution per
+    # program here instead of all of a chunk's in one program there)
+    store_rows(akk + i_h * C + first, unit_lower_block_inverse(kk, BC), t0, rows, n, H * C,
+               local, BC)
     zeros = tl.zeros([BC, BC], dtype=tl.float32)
     for jb in range(i_b + 1, C // BC):  # right of the diagonal block
         store_rows(aqk + i_h * C + jb * BC, zeros, t0, rows, n, H * C, local, BC)
@@ -114,29 +116,35 @@ def _scores_kernel(
 
 
 @triton.jit
-def unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """(I + a)^-1 for a strictly lower triangular fp32 [C, C].
+def unit_lower_block_inverse(a, BC: tl.constexpr):
+    """(I + a)^-1 - I for a strictly lower triangular fp32 [BC, BC] (one sub-block), by forward
+    substitution, one row per step: row i of the inverse is e_i - sum_{j < i} a[i, j] inv[j]."""
+    r = tl.arange(0, BC)[:, None]
+    c = tl.arange(0, BC)[None, :]
+    inv = tl.where(r == c, 1.0, 0.0)
+    for i in tl.static_range(1, BC):
+        a_i = tl.sum(tl.where(r == i, a, 0.0), 0)  # row i of a, [BC]
+        inv = tl.where(r == i, inv - tl.sum(a_i[:, None] * inv, 0)[None, :], inv)
+    return tl.where(r == c, 0.0, inv)
 
-    The diagonal BC x BC blocks are inverted by forward substitution (all blocks at once, one
-    row per step); with D = their block-diagonal inverse and N = D a_off (a_off: a outside the
-    diagonal blocks, strictly block-lower, so N^(C/BC) = 0):
-        (I + a)^-1 = (I + N)^-1 D = (I - N + N^2 - ...) D,   evaluated by Horner.
+
+@triton.jit
+def merge_block_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular [C, C] A, from `a` (fp32 [C, C]): A below the
+    diagonal BC x BC blocks, D - I on them, D the block-diagonal inverse _scores_kernel left
+    there. With A_off = A outside the diagonal blocks (strictly block-lower) and N = D A_off
+    (so N^(C/BC) = 0):
+        (I + A)^-1 = (I + N)^-1 D = (I - N + N^2 - ...) D,   evaluated by Horner.
+    Rows past a ragged chunk's end read as zeros and get D's identity, which keeps them inert.
     """
     NS: tl.constexpr = C // BC
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    diag3 = tl.reshape(block_diag_gather(a, C, BC), [NS, BC, BC])  # [block, row, col]
-    r3 = tl.arange(0, BC)[None, :, None]
-    c3 = tl.arange(0, BC)[None, None, :]
-    inv3 = tl.where(r3 == c3, 1.0, 0.0) + tl.zeros([NS, BC, BC], dtype=tl.float32)
-    for i in range(1, BC):
-        a_i = tl.sum(tl.where(r3 == i, diag3, 0.0), 1)  # [NS, BC]: row i of every block
-        inv3 = tl.where(r3 == i, inv3 - tl.sum(a_i[:, :, None] * inv3, 1)[:, None, :], inv3)
-    inv = block_diag_spread(tl.reshape(inv3, [C, BC]), C, BC)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    inv = tl.where((rows // BC)[:, None] == (cols // BC)[None, :], a, 0.0) + eye
     if NS > 1:
         off = tl.where((rows // BC)[:, None] > (cols // BC)[None, :], a, 0.0)
         nil = tl.dot(inv, off, input_precision=PREC)
-        eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
         series = eye
         for _ in tl.static_range(NS - 1):
             series = eye - tl.dot(nil, series, input_precision=PREC)
@@ -152,14 +160,14 @@ def _intra_factors_kernel(
 ):
     """Grid (chunks, H). W, U and the decay factors the state passes need (Qg, Kg, gC: so that
     their sequential loops do no scans) of every chunk, from A_inv and beta. INVERT (the
-    forward): ainv holds _scores_kernel's beta-scaled A_kk on entry and is overwritten with
-    A_inv = (I + A_kk)^-1; else (the backward's recomputation) it holds the forward's A_inv."""
+    forward): ainv holds _scores_kernel's beta-scaled A_kk (with the inverses of its diagonal
+    blocks) on entry and is overwritten with A_inv = (I + A_kk)^-1; else (the backward's recomputation) it holds the forward's A_inv."""
     i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
     a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
     if INVERT:
-        a_inv = unit_lower_inverse(a_inv, C, BC, PREC)
+        a_inv = merge_block_inverse(a_inv, C, BC, PREC)
         store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
     bt = load_vector(beta + i_h, t0, rows, n, H)
     for ik in range(tl.cdiv(K, BK)):
