@@ -66,21 +66,8 @@ def _scores_kernel(
     kbt = kt * load_vector(beta + i_h, t0, rows, n, H)[:, None]
     g_t, g_next = load_decays(g + i_h * K, t0, rows, n, sk, ck, K)
     e_in, e_out, total = sub_block_decays(g_t, g_next, BC, BC, BK)
-    q_in = qt * e_in
-    k_in = kbt * e_in
 
-    gap = tl.zeros([BK], dtype=tl.float32)  # sum of g over the blocks strictly between
-    for back in range(i_b):
-        jb = i_b - 1 - back
-        keys, total_j = earlier_block_keys(k + i_h * K, g + i_h * K, t0, jb, n, sk, ck, K, gap,
-                                           BC, BK)
-        kr = tl.trans(keys)
-        store_rows(aqk + i_h * C + jb * BC, tl.dot(q_in, kr, input_precision=PREC),
-                   t0, rows, n, H * C, local, BC)
-        store_rows(akk + i_h * C + jb * BC, tl.dot(k_in, kr, input_precision=PREC),
-                   t0, rows, n, H * C, local, BC)
-        gap += total_j
-
+    # Pairs inside I first, so that only q_in and k_in stay live through the loop below.
     strict = local[None, :] < local[:, None]
     incl = local[None, :] <= local[:, None]
     log_in = in_block_log_decay(g_t, g_next, BC, BC, BK)
@@ -109,6 +96,20 @@ def _scores_kernel(
     # program here instead of all of a chunk's in one program there)
     store_rows(akk + i_h * C + first, unit_lower_block_inverse(kk, BC), t0, rows, n, H * C,
                local, BC)
+
+    q_in = qt * e_in
+    k_in = kbt * e_in
+    gap = tl.zeros([BK], dtype=tl.float32)  # sum of g over the blocks strictly between
+    for back in range(i_b):
+        jb = i_b - 1 - back
+        keys, total_j = earlier_block_keys(k + i_h * K, g + i_h * K, t0, jb, n, sk, ck, K, gap,
+                                           BC, BK)
+        kr = tl.trans(keys)
+        store_rows(aqk + i_h * C + jb * BC, tl.dot(q_in, kr, input_precision=PREC),
+                   t0, rows, n, H * C, local, BC)
+        store_rows(akk + i_h * C + jb * BC, tl.dot(k_in, kr, input_precision=PREC),
+                   t0, rows, n, H * C, local, BC)
+        gap += total_j
     zeros = tl.zeros([BC, BC], dtype=tl.float32)
     for jb in range(i_b + 1, C // BC):  # right of the diagonal block
         store_rows(aqk + i_h * C + jb * BC, zeros, t0, rows, n, H * C, local, BC)
