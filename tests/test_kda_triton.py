@@ -338,7 +338,7 @@ def test_realistic_shapes_bf16_against_fp32(B, T, H, cu):
 
 def test_kernels_compile_for_sm90():
     """The interpreter accepts programs that the compiler rejects (layouts, shared memory), so the
-    kernels are also compiled for sm_90 at K = V = 128, C = 64 (bf16 and fp32 inputs), in a
+    kernels are also compiled for sm_90 at K = V = 128, C = 64 and 128 (bf16 and fp32 inputs), in a
     process without TRITON_INTERPRET; no GPU is needed, nothing is launched."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its CUDA backend")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,7 +346,7 @@ def test_kernels_compile_for_sm90():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "deltatron.kernels.kda.triton_compile_check",
-         "--arch", "90", "--head-dim", "128", "--chunk", "64"],
+         "--arch", "90", "--head-dim", "128", "--chunk", "64", "--chunk", "128"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr

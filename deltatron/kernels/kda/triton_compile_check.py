@@ -5,7 +5,7 @@ For the block sizes and warps the launchers use, this checks that every kernel b
 target and fits its shared memory, and reports ptxas's register and spill counts: the part of
 "does it run on an H100" that a machine without one can answer.
 
-    python -m deltatron.kernels.kda.triton_compile_check --arch 90 --head-dim 128 --chunk 64
+    python -m deltatron.kernels.kda.triton_compile_check --arch 90 --head-dim 128 [--chunk 64]
 
 Exit status 1 if a kernel fails to compile or asks for more shared memory than the target has.
 TRITON_INTERPRET must be unset when this module is first imported (interpreted kernels do not
@@ -31,6 +31,7 @@ from deltatron.kernels.kda.triton_grad import (
     _chunk_reverse_cumsum_kernel, _grad_chunk_kernel, _grad_pairwise_kernel, cumsum_config,
     grad_config,
 )
+from deltatron.kernels.kda.triton_chunk import SUPPORTED_CHUNK_SIZES
 from deltatron.kernels.kda.triton_intra import _intra_factors_kernel, _scores_kernel, intra_config
 from deltatron.kernels.kda.triton_recurrent import _recurrent_fwd_kernel, recurrent_config
 from deltatron.kernels.kda.triton_state import _state_bwd_kernel, _state_fwd_kernel, state_config
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--head-dim", type=int, default=128, help="K = V")
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--chunk", type=int, action="append",
+                        help="chunk size (repeatable; default every size the backend takes)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), action="append",
                         help="input dtype (repeatable; default bf16 and fp32)")
     args = parser.parse_args(argv)
@@ -203,17 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         print("TRITON_INTERPRET is set: the kernels are interpreted, not compiled", file=sys.stderr)
         return 2
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    chunks = args.chunk or list(SUPPORTED_CHUNK_SIZES)
     limit = SHARED_LIMIT.get(args.arch)
     ok = True
     for name in args.dtype or ["bf16", "fp32"]:
         dtype = dtypes[name]
-        configs = [(*c, None) for c in kernel_configs(args.head_dim, args.head_dim, args.chunk, dtype)]
+        configs = [
+            (f"{label} C{chunk}" if len(chunks) > 1 else label, kernel, params, None)
+            for chunk in chunks
+            for label, kernel, params in kernel_configs(args.head_dim, args.head_dim, chunk, dtype)
+        ]
         configs += layer_kernel_configs(args.head_dim, dtype)
         for label, kernel, params, types in configs:
             try:
                 report = compile_kernel(kernel, params, dtype, args.arch, types)
             except Exception as exc:  # a compile error is this tool's finding, not its failure
-                print(f"{name:5s} {label:24s} FAILED: {type(exc).__name__}: {exc}")
+                print(f"{name:5s} {label:28s} FAILED: {type(exc).__name__}: {exc}")
                 ok = False
                 continue
             fits = limit is None or report["shared"] <= limit
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "registers" in report else ""
             )
             print(
-                f"{name:5s} {label:24s} shared={report['shared'] // 1024}KiB"
+                f"{name:5s} {label:28s} shared={report['shared'] // 1024}KiB"
                 f"{'' if fits else ' (OVER THE LIMIT)'}{regs} warps={params['num_warps']}"
             )
     return 0 if ok else 1

@@ -278,7 +278,7 @@ def _chunk_reverse_cumsum_kernel(
 
 def grad_config(K: int, V: int, C: int) -> dict:
     """Block sizes and warps of _grad_chunk_kernel: from C = 64 on, key channels 32 and value
-    columns 64 at a time with 8 warps (on an H200 at K = V = 128, B8 T4k H32, bench/kda_tiles.py:
+    columns 64 (32 at C = 128) at a time with 8 warps (on an H200 at K = V = 128, B8 T4k H32, bench/kda_tiles.py:
     forward + backward 37.9 ms against 38.7 with BV 32, 39.5 with 4 warps, 40.9 with BK 64, fp32
     operands). With bf16 operands 4 warps timed faster in the sweep (22.1 ms against 23.7, commit
     df76fa2) but hit an illegal memory access on the H200 in the accuracy tests at B2 T4k H4
@@ -291,7 +291,8 @@ def grad_config(K: int, V: int, C: int) -> dict:
         # tl.dot(tl.trans(a_inv), dw) into a shared-memory read past the allocation (an illegal
         # memory access on an H100, compute-sanitizer: "Invalid __shared__ read of size 512
         # bytes"); these tiles are the ones measured at realistic shapes.
-        return dict(BK=32, BV=64, num_warps=8, num_stages=1)
+        # BV 32 at C = 128: with BV 64 the fp32 kernel asks for 256 KiB of shared memory
+        return dict(BK=32, BV=64 if C == 64 else 32, num_warps=8, num_stages=1)
     return dict(
         BK=min(32, max(16, triton.next_power_of_2(K))),
         BV=min(32, max(16, triton.next_power_of_2(V))),

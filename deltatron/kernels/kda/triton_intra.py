@@ -130,27 +130,31 @@ def unit_lower_block_inverse(a, BC: tl.constexpr):
 
 
 @triton.jit
-def merge_block_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """(I + A)^-1 for a strictly lower triangular [C, C] A, from `a` (fp32 [C, C]): A below the
-    diagonal BC x BC blocks, D - I on them, D the block-diagonal inverse _scores_kernel left
-    there. With A_off = A outside the diagonal blocks (strictly block-lower) and N = D A_off
-    (so N^(C/BC) = 0):
-        (I + A)^-1 = (I + N)^-1 D = (I - N + N^2 - ...) D,   evaluated by Horner.
-    Rows past a ragged chunk's end read as zeros and get D's identity, which keeps them inert.
+def merge_block_inverse(ainv, t0, n, stride, C: tl.constexpr, BC: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Overwrite one chunk's rows of ainv ([T_total, H, C] at this head; on entry A below the
+    diagonal BC x BC blocks and D_I - I on them, D_I = (I + A[I, I])^-1 from _scores_kernel)
+    with (I + A)^-1, one block of rows at a time, each from the finished ones above it:
+        inv[I] = D_I (E_I - sum_{J < I} A[I, J] inv[J])        (E_I: rows I of the identity)
+    All products are [BC, BC] x [BC, C]: no [C, C] tile is ever a tl.dot operand (at C = 128 one
+    takes more shared memory than a multiprocessor has). Rows past a ragged chunk's end read as
+    zeros (D_I = I there) and are not written.
     """
     NS: tl.constexpr = C // BC
-    rows = tl.arange(0, C)
+    local = tl.arange(0, BC)
     cols = tl.arange(0, C)
-    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-    inv = tl.where((rows // BC)[:, None] == (cols // BC)[None, :], a, 0.0) + eye
-    if NS > 1:
-        off = tl.where((rows // BC)[:, None] > (cols // BC)[None, :], a, 0.0)
-        nil = tl.dot(inv, off, input_precision=PREC)
-        series = eye
-        for _ in tl.static_range(NS - 1):
-            series = eye - tl.dot(nil, series, input_precision=PREC)
-        inv = tl.dot(series, inv, input_precision=PREC)
-    return inv
+    eye = tl.where(local[:, None] == local[None, :], 1.0, 0.0)
+    for I in tl.static_range(NS):
+        rows = I * BC + local
+        x = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)  # E_I, [BC, C]
+        for J in tl.static_range(I):
+            a_ij = load_rows(ainv + J * BC, t0, rows, n, stride, local, BC)
+            inv_j = load_rows(ainv, t0, J * BC + local, n, stride, cols, C)
+            x -= tl.dot(a_ij, inv_j, input_precision=PREC)
+        d = load_rows(ainv + I * BC, t0, rows, n, stride, local, BC) + eye
+        tl.debug_barrier()  # every thread has read rows I before they are overwritten
+        store_rows(ainv, tl.dot(d, x, input_precision=PREC), t0, rows, n, stride, cols, C)
+        tl.debug_barrier()  # rows I are written before the next blocks read them
 
 
 @triton.jit
@@ -162,14 +166,14 @@ def _intra_factors_kernel(
     """Grid (chunks, H). W, U and the decay factors the state passes need (Qg, Kg, gC: so that
     their sequential loops do no scans) of every chunk, from A_inv and beta. INVERT (the
     forward): ainv holds _scores_kernel's beta-scaled A_kk (with the inverses of its diagonal
-    blocks) on entry and is overwritten with A_inv = (I + A_kk)^-1; else (the backward's recomputation) it holds the forward's A_inv."""
+    blocks) on entry and is overwritten with A_inv = (I + A_kk)^-1; else (the backward's
+    recomputation) it holds the forward's A_inv."""
     i_c, i_h, t0, n = chunk_program(chunks)
     rows = tl.arange(0, C)
     cc = tl.arange(0, C)
-    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
     if INVERT:
-        a_inv = merge_block_inverse(a_inv, C, BC, PREC)
-        store_rows(ainv + i_h * C, a_inv, t0, rows, n, H * C, cc, C)
+        merge_block_inverse(ainv + i_h * C, t0, n, H * C, C, BC, PREC)
+    a_inv = load_rows(ainv + i_h * C, t0, rows, n, H * C, cc, C)
     bt = load_vector(beta + i_h, t0, rows, n, H)
     for ik in range(tl.cdiv(K, BK)):
         cols = ik * BK + tl.arange(0, BK)
