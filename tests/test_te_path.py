@@ -54,14 +54,29 @@ def test_te_model_matches_the_local_model(seeded):
         for name, p in local_params.items():
             te_params[to_te[name]].copy_(p)
     tokens = torch.randint(0, cfg.vocab_size, (2, 64), device="cuda")
-    results = []
-    for model in (local, te):
-        loss = model(tokens, None, None, labels=tokens).float().mean()
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (loss_local, grads_local), (loss_te, grads_te) = results
-    # fp32 weights; TE's GEMMs and fused norms may take TF32 and another summation order
-    assert torch.allclose(loss_te, loss_local, rtol=1e-3)
-    for name, grad in grads_local.items():
-        assert grad is not None and grads_te[to_te[name]] is not None, name
-        assert rel_err(grads_te[to_te[name]], grad) <= 1e-2, name
+
+    def loss_and_grads(model, tf32: bool):
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            model.zero_grad(set_to_none=True)
+            loss = model(tokens, None, None, labels=tokens).float().mean()
+            loss.backward()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_local, grads_local = loss_and_grads(local, tf32=False)
+    # TE runs fp32 GEMMs in TF32 (cublasLt's FAST_TF32 compute type, not switchable), so its
+    # distance from the fp32 local model is measured against the local model's own distance
+    # when torch takes TF32 too: a wrong weight, norm or layout would stand far above that floor.
+    loss_floor, grads_floor = loss_and_grads(local, tf32=True)
+    loss_te, grads_te = loss_and_grads(te, tf32=False)
+    floor = max(rel_err(grads_floor[n], g) for n, g in grads_local.items())
+    errors = {n: rel_err(grads_te[to_te[n]], g) for n, g in grads_local.items()}
+    worst = max(errors, key=errors.get)
+    report = f"TF32 floor {floor:.1e}; worst {worst}: {errors[worst]:.1e}"
+    print(report)
+    assert 0 < floor < 0.05, report
+    assert torch.allclose(loss_te, loss_local, rtol=1e-3) and torch.allclose(loss_floor, loss_local, rtol=1e-3)
+    assert errors[worst] <= 4 * floor, report
