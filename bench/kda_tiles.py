@@ -30,8 +30,9 @@ from deltatron.kernels.kda import triton_grad, triton_intra, triton_state  # noq
 # family -> (module attributes that hold its config function, candidates as launch options).
 # Left out: the state kernels with BV 16 or 64 at 8 warps, which crashed with an illegal memory
 # access on an H200 (commit 0fa061f; Triton 3.6), taking the CUDA context with them. grad_chunk
-# at 4 warps runs at these shapes but crashed the same way at B2 T4k H4 (commit de59dd1): a
-# candidate that runs here is not cleared until tests/test_kda_triton.py passes on the GPU.
+# at 4 warps runs at these shapes but crashed the same way at B2 T4k H4 (commit de59dd1;
+# compute-sanitizer: an out-of-range shared address at one of its tl.dot): a candidate that runs
+# here is not cleared until tests/test_kda_triton.py passes on the GPU.
 FAMILIES = {
     "scores": ([(triton_intra, "pair_config")], [
         dict(BK=128, num_warps=2), dict(BK=128, num_warps=4), dict(BK=128, num_warps=1)]),

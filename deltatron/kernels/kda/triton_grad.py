@@ -283,8 +283,9 @@ def grad_config(K: int, V: int, C: int) -> dict:
     operands). With bf16 operands 4 warps timed faster in the sweep (22.1 ms against 23.7, commit
     df76fa2) but hit an illegal memory access on the H200 in the accuracy tests at B2 T4k H4
     (commit de59dd1; the same with the kernel split in a value side and a key side, 0baa161).
-    The source is the same at 8 warps, which passes, so this is most likely another Triton 3.6
-    miscompile of this kernel's layouts (not yet run under compute-sanitizer); 8 warps stay."""
+    The source is the same at 8 warps, which passes; compute-sanitizer at 4 warps (B2 T4k H4)
+    reports "Out-of-range shared or local address" at a tl.dot of this kernel (triton_common.mm),
+    in some chunks only: a Triton 3.6 miscompile of its layouts. 8 warps stay."""
     if C >= 64:
         # Always the K = V = 128 tiles, padding smaller heads: with 8 warps and 16-wide tiles
         # (K = 32, V = 16 at C = 64), Triton 3.6 compiled _grad_chunk_kernel's
