@@ -54,6 +54,11 @@ def test_cli_training_loss_falls_and_writes_run_directory(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout
     assert "deltatron | model tiny" in log and "layout: tp=1 pp=1" in log
+    # the module path is on record: TE's where it imports (never on CPU machines)
+    from deltatron.model.te import te_available
+
+    path = "Transformer Engine" if te_available() else "megatron-core local"
+    assert f"on {path} modules (model.transformer_impl=auto)" in log
     assert "step 60/60" in log and "tokens/s" in log and "ETA" in log
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

@@ -439,7 +439,8 @@ class Trainer:
                     f"({counts['active_no_embedding'] / 1e6:.2f}M without embeddings); "
                     f"{local / 1e6:.2f}M on this rank",
                     f"layout: {self.cfg.parallel.describe(self.world_size)}, precision {self.precision}, "
-                    f"device {self.device.type}, layers {self.cfg.model.layer_pattern()}, optimizer "
+                    f"device {self.device.type}, layers {self.cfg.model.layer_pattern()} on "
+                    f"{self._module_path()}, optimizer "
                     f"{self.cfg.optim.name}{' (megatron-core distributed optimizer)' if self.distributed_optimizer else ''}, "
                     f"recompute {self.cfg.train.describe_recompute()}, loss "
                     + (f"by blocks of {self.cfg.train.cross_entropy_chunk_size} tokens"
@@ -455,6 +456,15 @@ class Trainer:
                 ]
             )
         )
+
+    def _module_path(self) -> str:
+        """Which modules the layers are built from (the `model.transformer_impl` switch)."""
+        from deltatron.model.te import resolve_transformer_impl
+
+        requested = self.cfg.model.transformer_impl
+        impl = resolve_transformer_impl(requested)
+        name = "Transformer Engine" if impl == "transformer_engine" else "megatron-core local"
+        return f"{name} modules (model.transformer_impl={requested})"
 
     def _memory_gb(self) -> float:
         if torch.cuda.is_available():
