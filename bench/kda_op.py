@@ -19,6 +19,10 @@ separately as the cold start; with --autotune-cache DIR, fla's autotuning result
 earlier run are reused (and the new ones added to DIR), which the results file says: its first
 call is then no cold start.
 
+Each row carries its date. A run over some of the shapes keeps the results file's rows for the
+other shapes (same GPU), so a long shape can be measured in a call of its own (fla autotunes
+for minutes at each new shape).
+
 Inputs are shaped as the model feeds the kernel: q, k L2-normalised per head (bf16), v bf16,
 g = -exp(A_log) * softplus(x + dt_bias) per channel (fp32, log space), beta = sigmoid(.) (fp32).
 
@@ -235,6 +239,17 @@ def bench_shape(spec: str, heads: int, head_dim: int, warmup: int, iters: int,
     return row
 
 
+def row_key(row: dict) -> tuple:
+    return row["B"], row["T"], row["H"], row["D"], row["varlen"]
+
+
+def merge_rows(rows: list[dict], row: dict) -> list[dict]:
+    """rows with `row` in place of the one of its shape (appended if there is none)."""
+    kept = [r for r in rows if row_key(r) != row_key(row)]
+    at = next((i for i, r in enumerate(rows) if row_key(r) == row_key(row)), len(kept))
+    return kept[:at] + [row] + kept[at:]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
@@ -292,14 +307,21 @@ def main(argv=None) -> None:
         ),
         "rows": [],
     }
+    earlier = []
+    if os.path.exists(out):
+        with open(out) as f:
+            previous = json.load(f)
+        if previous.get("gpu") == gpu:
+            earlier = previous.get("rows", [])
     for spec in args.shapes:
         row = bench_shape(spec, args.heads, args.head_dim, args.warmup, args.iters, impl_names, args.profile)
+        row["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         print(json.dumps(row), flush=True)
         if args.autotune_cache:  # after every shape, so a run cut short keeps what it tuned
             copy_autotune_results(os.environ["TRITON_CACHE_DIR"], args.autotune_cache)
         if set(impl_names) != {"ours", "fla"}:
             continue  # a partial comparison is printed, not written over the results file
-        result["rows"].append(row)
+        result["rows"] = merge_rows(result["rows"] or earlier, row)
         # rewritten after every shape, so a run cut short keeps the shapes it finished
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
