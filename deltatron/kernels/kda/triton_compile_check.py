@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     chunks = args.chunk or list(SUPPORTED_CHUNK_SIZES)
+    unsupported = [c for c in chunks if c not in SUPPORTED_CHUNK_SIZES]
+    if unsupported:
+        parser.error(f"--chunk {unsupported[0]}: the Triton KDA backend takes chunk sizes "
+                     f"{', '.join(map(str, SUPPORTED_CHUNK_SIZES))}")
     limit = SHARED_LIMIT.get(args.arch)
     ok = True
     for name in args.dtype or ["bf16", "fp32"]:
