@@ -74,9 +74,13 @@ def kernel_configs(K: int, V: int, C: int, dtype: torch.dtype) -> list[tuple[str
         ("grad pairwise", _grad_pairwise_kernel,
          dict(no_v, BC=SUB, **pair_config(K, whole_head=False))),
         ("chunk reverse cumsum", _chunk_reverse_cumsum_kernel, dict(K=K, C=C, **cumsum_config(K))),
-        ("recurrent forward", _recurrent_fwd_kernel,
-         dict(K=K, V=V, HAS_H0=True, STORE_FINAL=True, **recurrent_config(K, V))),
     ]
+
+
+def recurrent_kernel_config(K: int, V: int) -> tuple[str, object, dict]:
+    """The token-by-token backend's one launch, which no chunk size changes."""
+    return ("recurrent forward", _recurrent_fwd_kernel,
+            dict(K=K, V=V, HAS_H0=True, STORE_FINAL=True, **recurrent_config(K, V)))
 
 
 def layer_kernel_configs(head_dim: int, dtype: torch.dtype) -> list[tuple[str, object, dict, dict]]:
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             for chunk in chunks
             for label, kernel, params in kernel_configs(args.head_dim, args.head_dim, chunk, dtype)
         ]
+        configs.append((*recurrent_kernel_config(args.head_dim, args.head_dim), None))
         configs += layer_kernel_configs(args.head_dim, dtype)
         for label, kernel, params, types in configs:
             try:

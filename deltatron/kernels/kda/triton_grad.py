@@ -278,9 +278,9 @@ def _chunk_reverse_cumsum_kernel(
 
 def grad_config(K: int, V: int, C: int) -> dict:
     """Block sizes and warps of _grad_chunk_kernel: from C = 64 on, key channels 32 and value
-    columns 64 (32 at C = 128) at a time with 8 warps (on an H200 at K = V = 128, B8 T4k H32, bench/kda_tiles.py:
-    forward + backward 37.9 ms against 38.7 with BV 32, 39.5 with 4 warps, 40.9 with BK 64, fp32
-    operands). With bf16 operands 4 warps timed faster in the sweep (22.1 ms against 23.7, commit
+    columns 64 (32 at C = 128) at a time with 8 warps (on an H200 at K = V = 128, B8 T4k H32,
+    bench/kda_tiles.py: forward + backward 37.9 ms against 38.7 with BV 32, 39.5 with 4 warps,
+    40.9 with BK 64, fp32 operands). With bf16 operands 4 warps timed faster in the sweep (22.1 ms against 23.7, commit
     df76fa2) but hit an illegal memory access on the H200 in the accuracy tests at B2 T4k H4
     (commit de59dd1; the same with the kernel split in a value side and a key side, 0baa161).
     The source is the same at 8 warps, which passes; compute-sanitizer at 4 warps (B2 T4k H4)
