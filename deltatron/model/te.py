@@ -41,9 +41,14 @@ def resolve_transformer_impl(requested: str) -> str:
         raise ValueError(
             f"model.transformer_impl={requested!r}: choose auto, transformer_engine or local"
         )
-    logger.info(
-        "layers use %s modules (model.transformer_impl=%s)",
-        "Transformer Engine" if impl == "transformer_engine" else "megatron-core local",
-        requested,
-    )
+    logger.info("layers use %s", describe_transformer_impl(requested, impl))
     return impl
+
+
+def describe_transformer_impl(requested: str, impl: str | None = None) -> str:
+    """Which modules the layers are built from, for logs and the start-up banner: "Transformer
+    Engine modules (model.transformer_impl=auto)" or "megatron-core local modules (...)". impl:
+    the resolved value, resolved here when not given."""
+    impl = impl or resolve_transformer_impl(requested)
+    name = "Transformer Engine" if impl == "transformer_engine" else "megatron-core local"
+    return f"{name} modules (model.transformer_impl={requested})"

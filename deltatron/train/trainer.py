@@ -26,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 
 from deltatron.model.attnres import collect_depth_metrics, start_depth_metrics
 from deltatron.model.model import build_model, packed_seq_params
+from deltatron.model.te import describe_transformer_impl
 from deltatron.parallel.cp_slice import cp_packed_seq_params, slice_batch
 from deltatron.parallel.setup import init_process_groups
 from deltatron.train.checkpoint import load_model
@@ -440,7 +441,7 @@ class Trainer:
                     f"{local / 1e6:.2f}M on this rank",
                     f"layout: {self.cfg.parallel.describe(self.world_size)}, precision {self.precision}, "
                     f"device {self.device.type}, layers {self.cfg.model.layer_pattern()} on "
-                    f"{self._module_path()}, optimizer "
+                    f"{describe_transformer_impl(self.cfg.model.transformer_impl)}, optimizer "
                     f"{self.cfg.optim.name}{' (megatron-core distributed optimizer)' if self.distributed_optimizer else ''}, "
                     f"recompute {self.cfg.train.describe_recompute()}, loss "
                     + (f"by blocks of {self.cfg.train.cross_entropy_chunk_size} tokens"
@@ -456,15 +457,6 @@ class Trainer:
                 ]
             )
         )
-
-    def _module_path(self) -> str:
-        """Which modules the layers are built from (the `model.transformer_impl` switch)."""
-        from deltatron.model.te import resolve_transformer_impl
-
-        requested = self.cfg.model.transformer_impl
-        impl = resolve_transformer_impl(requested)
-        name = "Transformer Engine" if impl == "transformer_engine" else "megatron-core local"
-        return f"{name} modules (model.transformer_impl={requested})"
 
     def _memory_gb(self) -> float:
         if torch.cuda.is_available():
