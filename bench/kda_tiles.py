@@ -35,22 +35,18 @@ from deltatron.kernels.kda import triton_grad, triton_intra, triton_state  # noq
 # here is not cleared until tests/test_kda_triton.py passes on the GPU.
 FAMILIES = {
     "scores": ([(triton_intra, "pair_config")], [
-        dict(BK=128, num_warps=2), dict(BK=128, num_warps=4), dict(BK=128, num_warps=1)]),
+        dict(BK=128, num_warps=2, num_stages=2), dict(BK=128, num_warps=2, num_stages=3),
+        dict(BK=128, num_warps=4, num_stages=2)]),
     "grad_pairwise": ([(triton_grad, "pair_config")], [
-        dict(BK=32, num_warps=2), dict(BK=32, num_warps=4), dict(BK=32, num_warps=1),
-        dict(BK=64, num_warps=2), dict(BK=16, num_warps=1)]),
+        dict(BK=32, num_warps=1, num_stages=2), dict(BK=32, num_warps=1, num_stages=3),
+        dict(BK=32, num_warps=2, num_stages=2)]),
     "intra_factors": ([(triton_intra, "intra_config")], [
-        dict(BK=32, BV=32, num_warps=4), dict(BK=32, BV=32, num_warps=2),
-        dict(BK=32, BV=16, num_warps=4), dict(BK=16, BV=32, num_warps=4),
-        dict(BK=32, BV=64, num_warps=4), dict(BK=64, BV=64, num_warps=4)]),
+        dict(BK=32, BV=32, num_warps=4, num_stages=2), dict(BK=32, BV=32, num_warps=4, num_stages=3),
+        dict(BK=32, BV=32, num_warps=2, num_stages=2), dict(BK=64, BV=64, num_warps=4, num_stages=2)]),
     "state": ([(triton_state, "state_config")], [
-        dict(BK=128, BV=32, num_warps=4), dict(BK=128, BV=32, num_warps=2),
-        dict(BK=128, BV=16, num_warps=4), dict(BK=128, BV=64, num_warps=4)]),
+        dict(BK=128, BV=32, num_warps=4, num_stages=2), dict(BK=128, BV=32, num_warps=4, num_stages=3)]),
     "grad_chunk": ([(triton_grad, "grad_config")], [
-        dict(BK=32, BV=64, num_warps=4), dict(BK=32, BV=128, num_warps=4),
-        dict(BK=64, BV=64, num_warps=4), dict(BK=32, BV=64, num_warps=2),
-        dict(BK=32, BV=32, num_warps=4), dict(BK=64, BV=64, num_warps=8),
-        dict(BK=16, BV=64, num_warps=4)]),
+        dict(BK=32, BV=64, num_warps=8, num_stages=2), dict(BK=32, BV=64, num_warps=8, num_stages=3)]),
 }
 
 
@@ -83,7 +79,7 @@ def main(argv=None) -> None:
     for family in args.families.split(","):
         targets, candidates = FAMILIES[family]
         for cand in candidates:
-            opts = dict(cand, num_stages=1)
+            opts = dict(dict(num_stages=1), **cand)
             patches = [mock.patch.object(mod, name, lambda *a, **k: dict(opts))
                        for mod, name in targets]
             for p in patches:
