@@ -158,7 +158,7 @@ def test_grad_norm_replacement_equals_the_norm_and_is_installed(process_groups):
     from megatron.core import utils as mcore_utils
     from megatron.core.optimizer import clip_grads
 
-    from deltatron.train.optim import install_device_grad_norm, multi_tensor_l2_norm_on_device
+    from deltatron.train.optim import install_device_multi_tensor_ops, multi_tensor_l2_norm_on_device
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the process groups' device
     gen = torch.Generator().manual_seed(0)
@@ -171,10 +171,42 @@ def test_grad_norm_replacement_equals_the_norm_and_is_installed(process_groups):
     assert torch.allclose(norm.double(), want.reshape(1), rtol=1e-6)
 
     assert clip_grads.l2_norm_impl in (mcore_utils.local_multi_tensor_l2_norm, multi_tensor_l2_norm_on_device)
-    install_device_grad_norm()
+    install_device_multi_tensor_ops()
     assert clip_grads.l2_norm_impl is multi_tensor_l2_norm_on_device
     total = clip_grads.get_grad_norm_fp32(fp32)
     assert abs(float(total) - torch.cat([t.double().flatten() for t in fp32]).norm().item()) < 1e-3
+
+
+def test_multi_tensor_scale_on_device_matches_megatron_cores_fallback():
+    """The foreach replacement of megatron-core's local_multi_tensor_scale gives its results for
+    its three uses: gradients scaled in place (clipping), fp32 masters copied into bf16
+    parameters (scale 1), a scaled copy; and megatron-core's clipping and mixed-precision
+    optimizer modules use it once installed."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
+
+    from deltatron.train.optim import install_device_multi_tensor_ops, multi_tensor_scale_on_device
+
+    gen = torch.Generator().manual_seed(0)
+    src = [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen) * 100]
+
+    def both(make_dst, scale, in_place=False):
+        ours, theirs = [s.clone() for s in src], [s.clone() for s in src]
+        dst_ours = ours if in_place else [make_dst(s) for s in src]
+        dst_theirs = theirs if in_place else [make_dst(s) for s in src]
+        multi_tensor_scale_on_device(2048, None, [ours, dst_ours], scale)
+        mcore_utils.local_multi_tensor_scale(2048, None, [theirs, dst_theirs], scale)
+        return dst_ours, dst_theirs
+
+    cases = [(None, 0.37, True), (lambda s: torch.empty_like(s, dtype=torch.bfloat16), 1.0, False),
+             (torch.empty_like, 0.5, False)]
+    for make_dst, scale, in_place in cases:
+        for a, b in zip(*both(make_dst, scale, in_place)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (scale, in_place)
+
+    install_device_multi_tensor_ops()
+    assert clip_grads.multi_tensor_scale_impl is multi_tensor_scale_on_device
+    assert mcore_optimizer.multi_tensor_scale_impl is multi_tensor_scale_on_device
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation exists only with a GPU")

@@ -6,13 +6,16 @@ decay follows megatron-core's rule (none on biases and 1-D parameters: norms, KD
 dt_bias). The schedule is megatron-core's OptimizerParamScheduler: warmup then cosine, WSD
 (warmup-stable-decay) or constant.
 
-Gradient clipping's norm is megatron-core's `get_grad_norm_fp32` with one replacement
-(`install_device_grad_norm`): without Apex or Transformer Engine, megatron-core 0.19.2 computes it
-with `local_multi_tensor_l2_norm`, which builds a host list of every gradient's norm
-(`torch.tensor([torch.norm(g) for g in grads])`): one device-to-host copy and synchronisation per
-parameter, 966 per step in the proxy model (torch.cuda.set_sync_debug_mode shows them), each
-stalling the host behind the GPU. The replacement computes the same norm on the device with
-`torch._foreach_norm`.
+Without Apex or Transformer Engine, megatron-core 0.19.2 falls back to per-tensor Python loops
+for its multi-tensor kernels; `install_device_multi_tensor_ops` replaces two of them:
+- the gradient norm of clipping (`get_grad_norm_fp32`'s `local_multi_tensor_l2_norm`) builds a
+  host list of every gradient's norm (`torch.tensor([torch.norm(g) for g in grads])`): one
+  device-to-host copy and synchronisation per parameter, 966 per step in the proxy model
+  (torch.cuda.set_sync_debug_mode shows them), each stalling the host behind the GPU. The
+  replacement computes the same norm on the device with `torch._foreach_norm`;
+- `local_multi_tensor_scale` (clipping's in-place scaling of every gradient, and the
+  mixed-precision optimizer's copy of its fp32 masters into the bf16 parameters) runs
+  `dst.copy_(src * scale)`, two kernels per parameter; the replacement is one foreach call.
 
 Without Apex or Transformer Engine megatron-core's Adam is `torch.optim.AdamW` with torch's
 default implementation, `foreach`: one pass over the parameters per operation (about eight: the
@@ -35,7 +38,7 @@ from deltatron.train.config import OptimConfig
 def build_optimizer(model_chunks, cfg: OptimConfig, *, bf16: bool, distributed: bool):
     """The optimizer `cfg.name` names for the (DDP-wrapped) model chunks: megatron-core's AdamW,
     or MuonClip (deltatron.train.muonclip; shards its own state, so `distributed` is for AdamW)."""
-    install_device_grad_norm()
+    install_device_multi_tensor_ops()
     if cfg.name == "muonclip":
         from deltatron.train.muonclip import build_muonclip
 
@@ -82,15 +85,31 @@ def multi_tensor_l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tens
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
-def install_device_grad_norm() -> None:
-    """Make megatron-core's gradient-norm computation use `multi_tensor_l2_norm_on_device` where it
-    would use its host-synchronising fallback (no Apex, no Transformer Engine); Apex's or TE's
-    fused kernel stays when present. Idempotent."""
+def multi_tensor_scale_on_device(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for megatron-core's `local_multi_tensor_scale` (the amp_C.multi_tensor_scale
+    signature; chunk_size and noop_flag unused there too): dst = src * scale for every pair of
+    tensor_lists = [src, dst], in dst's dtype, as foreach calls."""
+    src, dst = tensor_lists
+    if all(s is d for s, d in zip(src, dst)):  # clipping: every gradient scaled in place
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:  # the masters copied into the parameters
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def install_device_multi_tensor_ops() -> None:
+    """Make megatron-core use `multi_tensor_l2_norm_on_device` and `multi_tensor_scale_on_device`
+    where it would use its per-tensor fallbacks (no Apex, no Transformer Engine); Apex's or TE's
+    fused kernels stay when present. Idempotent."""
     from megatron.core import utils as mcore_utils
-    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
 
     if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = multi_tensor_l2_norm_on_device
+    for module in (clip_grads, mcore_optimizer):
+        if module.multi_tensor_scale_impl is mcore_utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = multi_tensor_scale_on_device
 
 
 def _parts(optimizer) -> list:
