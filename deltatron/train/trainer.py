@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from deltatron.model.attnres import collect_depth_metrics, start_depth_metrics
+from deltatron.model.grouped_experts import wait_for_expert_param_gather
 from deltatron.model.model import build_model, packed_seq_params
 from deltatron.model.te import describe_transformer_impl
 from deltatron.parallel.cp_slice import cp_packed_seq_params, slice_batch
@@ -233,6 +234,7 @@ class Trainer:
                 config=model.config, ddp_config=ddp_config, module=model,
                 disable_bucketing=vp_stage > 0,
             )
+            wait_for_expert_param_gather(ddp)
             chunks.append(ddp)
         return chunks
 
