@@ -79,9 +79,10 @@ def _optimizer(named, cfg):
     from deltatron.parallel.muon_sharding import dense_grid
     from deltatron.train.muonclip import MuonClipOptimizer, NormGroups
 
-    groups = NormGroups(ps.get_model_parallel_group(), None, ps.get_tensor_model_parallel_group(), None)
+    groups = NormGroups(tp=ps.get_tensor_model_parallel_group(), expert_tp=None)
     grid = dense_grid()
-    return MuonClipOptimizer(named, cfg, LAYOUT, dense=grid, expert=grid, norm_groups=groups)
+    owners = {p: 0 for _, p in named}  # one replica
+    return MuonClipOptimizer(named, cfg, LAYOUT, dense=grid, expert=grid, owners=owners, norm_groups=groups)
 
 
 def _reference_ns(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -239,26 +240,7 @@ def test_bad_optimizer_config_names_the_field():
         OptimConfig(name="muonclip", qk_clip_tau=-1.0)
 
 
-# ---------------------------------------------------------------------------- broadcast overlap
-
-
-def test_split_waves_cuts_each_owners_params_into_balanced_runs_in_plan_order():
-    from deltatron.parallel.muon_sharding import split_waves
-
-    g = torch.Generator().manual_seed(0)
-    costs = [(f"p{i}", float(c)) for i, c in enumerate(torch.randint(1, 100, (120,), generator=g).tolist())]
-    owner = {k: int(d) for (k, _), d in zip(costs, torch.randint(0, 3, (120,), generator=g))}
-    wave = split_waves(costs, owner, 4)
-    assert set(wave) == {k for k, _ in costs}  # every parameter, once (keys of a dict)
-    for d in range(3):
-        mine = [(k, c) for k, c in costs if owner[k] == d]
-        waves = [wave[k] for k, _ in mine]
-        assert waves == sorted(waves) and set(waves) == {0, 1, 2, 3}, waves  # plan order, all used
-        total, biggest = sum(c for _, c in mine), max(c for _, c in mine)
-        for w in range(4):
-            assert abs(sum(c for k, c in mine if wave[k] == w) - total / 4) <= biggest
-    assert split_waves(list(reversed(costs)), owner, 4) != wave  # the order is what is cut
-    assert set(split_waves(costs, owner, 1).values()) == {0}
+# ---------------------------------------------------------------------------- owner layout
 
 
 class _FakeGroup:
@@ -274,64 +256,110 @@ class _FakeGroup:
         return self._rank
 
 
-def _tp_layer_params(tp: int) -> list[tuple[str, torch.nn.Parameter]]:
-    """Three layers' parameters as a rank of TP size tp holds them (local shards, zeros)."""
-    full = {  # name -> (full shape, partition dim or None)
-        "embedding.word_embeddings.weight": ((64, HIDDEN), 0),
-    }
-    for i in range(3):
-        layer = f"decoder.layers.{i}"
-        full |= {
-            f"{layer}.self_attention.linear_q_proj.weight": ((4 * HEADS * NOPE, HIDDEN), 0),
-            f"{layer}.self_attention.linear_kv_up_proj.weight": ((2 * HEADS * (NOPE + VDIM), LATENT), 0),
-            f"{layer}.self_attention.linear_proj.weight": ((HIDDEN, 4 * HEADS * VDIM), 1),
-            f"{layer}.input_layernorm.weight": ((HIDDEN,), None),
-            f"{layer}.mlp.linear_fc1.weight": ((4 * GLU_FFN, HIDDEN), 0),
-            f"{layer}.mlp.linear_fc2.weight": ((HIDDEN, 2 * GLU_FFN), 1),
-        }
-    out = []
-    for name, (shape, dim) in full.items():
-        local = list(shape)
-        if dim is not None:
-            local[dim] //= tp
-        p = torch.nn.Parameter(torch.zeros(local))
-        if dim is not None:
-            p.tensor_model_parallel, p.partition_dim = True, dim
-        if name.startswith("embedding"):
-            p.is_embedding_or_output_parameter = True
-        out.append((name, p))
-    return out
+def _layout_item(key: str, numel: int, isolated: bool = False):
+    from deltatron.parallel.muon_sharding import LayoutItem
+
+    return LayoutItem(key, numel, float(numel), isolated)
 
 
-def test_waves_are_the_same_on_every_rank_of_a_grid():
-    """Four simulated ranks of a DP2 x TP2 grid build their optimizers from their own shards: they
-    agree on every parameter's owner and wave and list the same stages (what each broadcast
-    carries), each parameter in exactly one stage, in plan order."""
-    from deltatron.train.muonclip import NS_WAVES, MuonClipOptimizer, NormGroups
+def _assert_owner_aligned(params: list, layout, dp: int) -> None:
+    """Checked here without deltatron's own checker: params (model order) each whole in one DP
+    shard, at a 64-element offset, none overlapping; buckets back to back, each a multiple of dp
+    long, covering contiguous runs of the backprop order; unpadded counts right."""
+    spans = [layout.param_index_map[p] for p in params]
+    ids = [b for _, _, b in spans[::-1]]
+    assert ids[0] == 0 and all(b - a in (0, 1) for a, b in zip(ids, ids[1:])), ids
+    assert ids[-1] == len(layout.bucket_indices) - 1
+    assert layout.bucket_indices[0][0] == 0
+    assert all(a[1] == b[0] for a, b in zip(layout.bucket_indices, layout.bucket_indices[1:]))
+    for p, (start, end, b) in zip(params, spans):
+        b_start, b_end = layout.bucket_indices[b]
+        assert (b_end - b_start) % dp == 0 and b_start % dp == 0
+        shard = (b_end - b_start) // dp
+        assert end - start == p.numel() and start % 64 == 0
+        assert (start - b_start) // shard == (end - 1 - b_start) // shard, "straddles two shards"
+    ordered = sorted(spans)
+    assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), "overlap"
+    for b, unpadded in enumerate(layout.per_bucket_numel_unpadded):
+        assert unpadded == sum(p.numel() for p, s in zip(params, spans) if s[2] == b)
+    assert layout.num_optimizer_shards == dp
 
-    cfg = OptimConfig(name="muonclip", qk_clip_tau=None)
-    opts = {}
-    for d in range(2):
-        for t in range(2):
-            grid = Grid(dp_group=_FakeGroup(2, d), tp_group=_FakeGroup(2, t))
-            opts[d, t] = MuonClipOptimizer(
-                _tp_layer_params(2), cfg, LAYOUT, dense=grid, expert=grid, norm_groups=NormGroups(None, None, None, None)
-            )
-    plan = {r: [(e.key, e.owner_dp, e.wave) for e in o.entries] for r, o in opts.items()}
-    stages = {r: [(s.muon, [e.key for e in s.entries]) for s in o._stages] for r, o in opts.items()}
-    assert all(p == plan[0, 0] for p in plan.values())
-    assert all(s == stages[0, 0] for s in stages.values())
 
-    keys = [k for k, _, _ in plan[0, 0]]
-    listed = [k for _, ks in stages[0, 0] for k in ks]
-    assert sorted(listed) == sorted(keys) and len(set(listed)) == len(listed)
-    assert all(ks == sorted(ks, key=keys.index) for _, ks in stages[0, 0])
-    assert [muon for muon, _ in stages[0, 0]] == [False] + [True] * NS_WAVES  # AdamW first
-    for d in range(2):
-        waves = [w for _, owner, w in plan[0, 0] if owner == d and w >= 0]
-        assert waves == sorted(waves) and set(waves) == set(range(NS_WAVES)), waves
-    owned = [{e.key for e in opts[d, 0].entries if e.owned} for d in range(2)]
-    assert owned[0] and owned[1] and owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(keys)
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("bucket_size", [None, 4000], ids=["one_bucket", "buckets"])
+def test_owner_layout_puts_every_parameter_in_its_owners_shard(dp, bucket_size, process_groups):
+    """The parity model's buffers laid out for a DP group of `dp` ranks (simulated: the layout
+    depends only on the group's size): every parameter inside one shard, 64-aligned, no overlap,
+    buckets contiguous in backprop order, the grouping and indices DDP will check; the same layout
+    on every rank of the group; its padding small (logged, printed here)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import group_params_for_buffers
+
+    from deltatron.model.config import ModelConfig
+    from deltatron.model.model import build_model
+    from deltatron.train.muonclip import OwnerLayoutPlanner
+    from deltatron.train.trainer import reduce_experts_over_expert_groups
+
+    model = build_model(ModelConfig(**parity.MODEL))
+    reduce_experts_over_expert_groups(model)
+    cfg = OptimConfig(name="muonclip")
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=True, bucket_size=bucket_size,
+    )
+    layouts, reports = [], []
+    for rank in range(dp):
+        grid = Grid(dp_group=_FakeGroup(dp, rank), tp_group=_FakeGroup(1, 0))
+        planner = OwnerLayoutPlanner(cfg, FusedLayout.from_config(model.config), grid, grid)
+        layouts.append(planner.full_param_layout(model, ddp_config, single_bucket=bucket_size is None))
+        reports.append(planner.report)
+    print("\n".join(reports[0]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = group_params_for_buffers(params, True)
+    assert set(layouts[0].layouts) == set(groups) and len(groups) == 2  # dense and expert, fp32
+    for key, (group, indices) in groups.items():
+        layout = layouts[0].layouts[key]
+        assert set(layout.param_index_map) == set(group) and layout.param_indices == indices
+        _assert_owner_aligned(group, layout, dp)
+        if bucket_size is not None:
+            assert len(layout.bucket_indices) > 1
+        padding = layout.bucket_indices[-1][1] / sum(layout.per_bucket_numel_unpadded) - 1
+        assert padding < (0.12 if bucket_size is None else 0.5), (key, padding)
+        for other in layouts[1:]:
+            assert other.layouts[key].param_index_map == layout.param_index_map
+            assert other.layouts[key].bucket_indices == layout.bucket_indices
+
+
+def test_owner_layout_balances_update_cost_where_the_buckets_allow():
+    """Equal-size parameters of unequal cost in one bucket: within the bucket's even share of
+    elements, the expensive ones go to different replicas and both get equal cost, no padding."""
+    from deltatron.parallel.muon_sharding import LayoutItem, check_owner_layout, owner_aligned_layout
+
+    items = [LayoutItem(f"w{i}", 640, 10.0 if i < 2 else 1.0) for i in range(8)]  # two expensive
+    load = [0.0, 0.0]
+    layout = owner_aligned_layout(items, 2, None, 64, load)
+    check_owner_layout(layout, items)
+    assert layout.owner["w0"] != layout.owner["w1"] and load == [13.0, 13.0]
+    assert layout.padding == 0
+
+
+def test_owner_layout_isolates_a_shared_embedding_in_shard_zero():
+    from deltatron.parallel.muon_sharding import check_owner_layout, owner_aligned_layout
+
+    items = [_layout_item("emb", 1000, isolated=True)] + [_layout_item(f"w{i}", 300) for i in range(6)]
+    layout = owner_aligned_layout(items, 2, 600, 64, [0.0, 0.0])
+    check_owner_layout(layout, items)
+    emb_bucket = layout.spans["emb"][2]
+    assert emb_bucket == len(layout.buckets) - 1 and layout.owner["emb"] == 0  # last in backprop order
+    assert [b for _, _, b in layout.spans.values()].count(emb_bucket) == 1
+
+
+def test_owner_layout_check_rejects_a_straddling_parameter():
+    from deltatron.parallel.muon_sharding import BufferLayout, check_owner_layout
+
+    items = [_layout_item("a", 100), _layout_item("b", 100)]
+    straddling = BufferLayout(2, {"a": (0, 100, 0), "b": (64, 164, 0)}, {"a": 0, "b": 0}, [(0, 256)], [200])
+    with pytest.raises(RuntimeError, match="not a 64-aligned whole parameter in its owner"):
+        check_owner_layout(straddling, items)
 
 
 class _FixedClip:
@@ -344,20 +372,12 @@ class _FixedClip:
         return self.clips
 
 
-def _staged_run(monkeypatch, waves: int, clip: bool, steps: int, bf16: bool):
-    """A toy (the _Toy parameters and four same-shape fc2 matrices that Newton-Schulz batches
-    together) after `steps` steps with NS_WAVES = waves; returns the optimizer and the masters."""
-    from deltatron.train import muonclip
+def _toy_run(clip: bool, steps: int, bf16: bool):
+    """The _Toy parameters after `steps` steps; returns the optimizer and the masters."""
     from deltatron.train.qk_clip import LayerClip
 
-    monkeypatch.setattr(muonclip, "NS_WAVES", waves)
     toy = _Toy()
-    g = torch.Generator().manual_seed(9)
-    extra = [
-        (f"decoder.layers.{i}.mlp.linear_fc2.weight", torch.nn.Parameter(0.1 * torch.randn(HIDDEN, 64, generator=g)))
-        for i in range(4, 8)
-    ]
-    named = toy.named() + extra
+    named = toy.named()
     params = [p for _, p in named]
     for p in params:
         if bf16:
@@ -382,72 +402,14 @@ def _staged_run(monkeypatch, waves: int, clip: bool, steps: int, bf16: bool):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_waves_change_no_bit_of_the_step(bf16, monkeypatch, process_groups):
-    """Stages (AdamW, then Muon in waves) against all Muon parameters in one wave: the same bits,
-    QK-clip included; and the clipped weights are the unclipped step's, scaled once after it."""
-    from deltatron.train.muonclip import NS_WAVES
-
-    staged, masters = _staged_run(monkeypatch, NS_WAVES, True, 3, bf16)
-    assert [len(s.entries) for s in staged._stages if s.muon] == [4, 2, 2]  # the fc2 batch is split
-    _, one_wave = _staged_run(monkeypatch, 1, True, 3, bf16)
-    for e, a, b in zip(staged.entries, masters, one_wave):
-        assert torch.equal(a, b), e.key
-
-    _, clipped = _staged_run(monkeypatch, NS_WAVES, True, 1, bf16)
-    _, plain = _staged_run(monkeypatch, NS_WAVES, False, 1, bf16)
+def test_qk_clip_scales_each_weight_once_after_its_update(bf16, process_groups):
+    """The clipped weights are the unclipped step's, scaled once after it (on the owner, before
+    the all-gather shares them)."""
+    _, clipped = _toy_run(True, 1, bf16)
+    _, plain = _toy_run(False, 1, bf16)
     factors = {0: torch.linspace(0.5, 1.0, 24), 3: torch.linspace(0.7, 1.0, 14)}
     for i, (a, b) in enumerate(zip(clipped, plain)):
         assert torch.equal(a, b * factors[i][:, None] if i in factors else b), i
-
-
-def _broadcast_job(rank: int, world_size: int) -> tuple[bool, list[list[list[float]]]]:
-    """Two broadcasts in flight at once on DP2; whether the received tensors still held their old
-    values before wait(), and every tensor's values after."""
-    from deltatron.parallel.muon_sharding import dense_grid, dp_broadcast
-    from deltatron.parallel.setup import init_process_groups
-
-    init_process_groups()
-    grid = dense_grid()
-    assert (grid.dp_size, grid.dp_rank) == (2, rank)
-    calls = []
-    for layout in BROADCASTS:
-        calls.append([
-            [_sent(d, i, shape, dtype) if d == rank else torch.full(shape, -1.0, dtype=dtype)
-             for i, (shape, dtype) in enumerate(tensors)]
-            for d, tensors in enumerate(layout)
-        ])
-    pending = [dp_broadcast(grid, by_owner) for by_owner in calls]
-    untouched = all(
-        (t == -1).all() for by_owner in calls for d, ts in enumerate(by_owner) if d != rank for t in ts
-    )
-    for p in pending:
-        p.wait()
-    pending[0].wait()  # a second wait does nothing
-    return bool(untouched), [[t.float().flatten().tolist() for ts in by_owner for t in ts] for by_owner in calls]
-
-
-# Per broadcast, per owner replica: (shape, dtype) of its tensors. The first mixes dtypes (one
-# broadcast each; a lone bf16 tensor is sent from its own storage), the second has an idle owner.
-BROADCASTS = [
-    [[((3, 4), torch.float32), ((5,), torch.bfloat16), ((2,), torch.float32)], [((7,), torch.float32)]],
-    [[], [((2, 3), torch.bfloat16), ((4,), torch.bfloat16)]],
-]
-
-
-def _sent(owner: int, i: int, shape, dtype) -> torch.Tensor:
-    return (torch.arange(math.prod(shape), dtype=torch.float32).view(shape) + 100 * owner + 10 * i).to(dtype)
-
-
-def test_dp_broadcast_delivers_each_owners_values_at_wait():
-    results = run_distributed(_broadcast_job, 2, timeout=300)
-    expected = [
-        [_sent(d, i, shape, dtype).float().flatten().tolist() for d, ts in enumerate(layout)
-         for i, (shape, dtype) in enumerate(ts)]
-        for layout in BROADCASTS
-    ]
-    for rank, (untouched, values) in enumerate(results):
-        assert untouched, rank
-        assert values == expected, rank
 
 
 # ---------------------------------------------------------------------------- distributed equality
@@ -457,9 +419,12 @@ QK_TAU = 0.05
 # Newton-Schulz in fp32: in bf16, the last-bit differences of gradients reduced in another order
 # flip bf16 roundings and the layouts agree only to about 1% of an update (2e-5 here), which would
 # hide sharding errors of that size; the bf16 arithmetic is checked by the single-process tests.
-MUONCLIP = dict(name="muonclip", qk_clip_tau=QK_TAU, muon_ns_dtype="float32")
+MUONCLIP_CLIP = 0.5  # below the parity model's gradient norms (about 1.7-1.8), so clipping acts
+MUONCLIP = dict(name="muonclip", qk_clip_tau=QK_TAU, muon_ns_dtype="float32", clip_grad=MUONCLIP_CLIP)
 TWO_PROCESS = {
     "dp2": dict(),
+    # the parameter all-gather left to the next forward's pre-hooks (the final save forces it)
+    "dp2_overlap": dict(overlap_param_gather=True),
     # megatron-core runs MoE under TP only with sequence parallelism
     "tp2_sp": dict(tp=2, sequence_parallel=True),
     "ep2": dict(ep=2),
@@ -467,39 +432,54 @@ TWO_PROCESS = {
 FOUR_PROCESS = {"tp2_dp2": dict(tp=2, sequence_parallel=True)}
 
 
+def _steps(trainer, steps: int) -> tuple[list[float], list[float]]:
+    """(losses, gradient norms) of `steps` steps on the trainer's fixed batches."""
+    it = trainer.data.train_batches()
+    outs = [trainer.train_step([next(it) for _ in range(trainer.num_microbatches)]) for _ in range(steps)]
+    return [o["loss"] for o in outs], [o["grad_norm"] for o in outs]
+
+
 @pytest.fixture(scope="module")
 def muonclip_reference(tmp_path_factory, process_groups):
-    """One process: the shared initial checkpoint, then 3 MuonClip steps and the final weights."""
-    from deltatron.train.checkpoint import save_model
+    """One process: the shared initial checkpoint, then 3 MuonClip steps (losses, gradient norms)
+    and the final weights."""
+    from deltatron.train.checkpoint import load_model, save_model
     from deltatron.train.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("muonclip")
     init = str(tmp / "init")
     cfg = parity.run_config({}, str(tmp / "run-init"), None, MUONCLIP)
     save_model(Trainer(cfg, dataclasses.asdict(cfg), data=parity.FixedBatches(0, 1)).model, init)
-    losses = parity.train_layout({}, init, str(tmp / "ref"), str(tmp / "run-ref"), None, MUONCLIP)
-    return tmp, init, losses, _params(str(tmp / "ref"))
+    trainer = _trainer({}, str(tmp / "run-ref"))
+    load_model(trainer.model, init)
+    losses, norms = _steps(trainer, parity.STEPS)
+    assert min(norms) > MUONCLIP_CLIP, norms  # clipping acts in every step, so its factor is checked too
+    save_model(trainer.model, str(tmp / "ref"))
+    return tmp, init, losses, _params(str(tmp / "ref")), norms
 
 
 RESUME_AFTER = 2  # steps before the optimizer-state checkpoint
-RESUME_FROM = {"dp2": dict(), "tp2_sp": dict(tp=2, sequence_parallel=True)}
+RESUME_FROM = {
+    "dp2": dict(), "dp2_overlap": dict(overlap_param_gather=True), "tp2_sp": dict(tp=2, sequence_parallel=True),
+}
 
 
 def _two_process_job(rank: int, world_size: int, init: str, out_dir: str) -> dict:
     """One launch: the equality layouts, then RESUME_AFTER steps under each RESUME_FROM layout
-    with model and optimizer state saved for the resume test."""
+    with model and optimizer state saved for the resume test; their gradient norms and this
+    rank's parameters after the save (which forces any pending all-gather)."""
     from deltatron.train.checkpoint import load_model, save_model, save_optimizer
 
     results = parity.layouts_job(rank, world_size, TWO_PROCESS, init, out_dir, None, MUONCLIP)
+    norms, params = {}, {}
     for name, layout in RESUME_FROM.items():
         trainer = _trainer(layout, f"{out_dir}/run-resume-{name}")
         load_model(trainer.model, init)
-        it = trainer.data.train_batches()
-        for _ in range(RESUME_AFTER):
-            trainer.train_step([next(it) for _ in range(trainer.num_microbatches)])
+        _, norms[name] = _steps(trainer, RESUME_AFTER)
         save_model(trainer.model, f"{out_dir}/resume-{name}-model")
+        params[name] = {n: p.detach().clone() for n, p in trainer.model[0].named_parameters()}
         save_optimizer(trainer.model, trainer.optimizer, f"{out_dir}/resume-{name}-optim")
-    return results
+    return dict(losses=results, norms=norms, params=params)
 
 
 def _trainer(layout: dict, run_dir: str):
@@ -522,18 +502,38 @@ def _trainer(layout: dict, run_dir: str):
 
 @pytest.fixture(scope="module")
 def two_process_muonclip(muonclip_reference):
-    tmp, init, _, _ = muonclip_reference
-    return run_distributed(_two_process_job, 2, init, str(tmp))[0]
+    """Per rank, `_two_process_job`'s results."""
+    tmp, init, _, _, _ = muonclip_reference
+    return run_distributed(_two_process_job, 2, init, str(tmp))
 
 
 @pytest.mark.parametrize("name", sorted(TWO_PROCESS))
 def test_two_process_muonclip_matches_single_process(name, muonclip_reference, two_process_muonclip):
-    tmp, _, ref_losses, ref_params = muonclip_reference
-    _check(name, ref_losses, two_process_muonclip[name], ref_params, _params(str(tmp / name)))
+    tmp, _, ref_losses, ref_params, _ = muonclip_reference
+    _check(name, ref_losses, two_process_muonclip[0]["losses"][name], ref_params, _params(str(tmp / name)))
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_FROM))
+def test_two_process_gradient_norm_matches_single_process(name, muonclip_reference, two_process_muonclip):
+    """The norm each rank sums over the gradients it owns (the rest of its buffer is unreduced)
+    and all-reduces is the single process's norm, on every rank; so is the clip factor from it."""
+    ref_norms = muonclip_reference[4][:RESUME_AFTER]
+    for rank in two_process_muonclip:
+        assert rank["norms"][name] == pytest.approx(ref_norms, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dp2", "dp2_overlap"])
+def test_every_replica_holds_the_owners_parameters(name, two_process_muonclip):
+    """After the steps (and, with overlap_param_gather, the forced gather of the save) both data-
+    parallel replicas hold the same bits of every parameter, each updated on one owner only."""
+    a, b = (rank["params"][name] for rank in two_process_muonclip)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_tp2_dp2_muonclip_matches_single_process(muonclip_reference):
-    tmp, init, ref_losses, ref_params = muonclip_reference
+    tmp, init, ref_losses, ref_params, _ = muonclip_reference
     losses = run_distributed(parity.layouts_job, 4, FOUR_PROCESS, init, str(tmp), None, MUONCLIP)[0]
     _check("tp2_dp2", ref_losses, losses["tp2_dp2"], ref_params, _params(str(tmp / "tp2_dp2")))
 
@@ -635,7 +635,7 @@ def test_optimizer_state_resumes_under_another_layout(saved_under, muonclip_refe
     its 3rd step lands on the uninterrupted single-process run's parameters."""
     from deltatron.train.checkpoint import load_model, load_optimizer, save_model
 
-    tmp, _, ref_losses, ref_params = muonclip_reference
+    tmp, _, ref_losses, ref_params, _ = muonclip_reference
     trainer = _trainer({}, str(tmp / f"run-resumed-{saved_under}"))
     load_model(trainer.model, str(tmp / f"resume-{saved_under}-model"))
     load_optimizer(trainer.model, trainer.optimizer, str(tmp / f"resume-{saved_under}-optim"))

@@ -29,6 +29,8 @@ other than SwiGLU, probs applied on the input, CUDA tensors other than bf16) fal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -111,6 +113,29 @@ class GroupedGemmExperts(SequentialMLP):
         with restacked_in_backward({w1: fc1, w2: fc2}):
             out = grouped_swiglu(x_padded, probs_padded, offs, w1, w2)
         return take_unique_rows(out, rows), None
+
+
+def wait_for_expert_param_gather(ddp) -> None:
+    """Make megatron-core DDP's overlapped parameter all-gather (`overlap_param_gather`) finish
+    for the experts' weights before `GroupedGemmExperts` reads them.
+
+    DDP waits for a gather in a forward pre-hook on each module, for that module's own
+    parameters (recurse=False). The grouped path stacks its experts' weights without calling
+    their modules, so those hooks never ran: with the distributed optimizer or MuonClip every
+    replica but a weight's owner kept the previous step's experts (found by MuonClip's
+    dp2_overlap parity test). One more pre-hook, on each GroupedGemmExperts, waits for the
+    bucket groups of all its parameters. ddp: a megatron-core DistributedDataParallel."""
+    if not ddp.ddp_config.overlap_param_gather:
+        return
+    for module in ddp.module.modules():
+        if isinstance(module, GroupedGemmExperts):
+            module.register_forward_pre_hook(functools.partial(_finish_param_gather, ddp))
+
+
+def _finish_param_gather(ddp, module: torch.nn.Module, args) -> None:
+    groups = {id(g): g for p in module.parameters() if (g := ddp.param_to_bucket_group.get(p)) is not None}
+    for group in groups.values():  # the same chaining of the next gather as DDP's own hook
+        group.finish_param_sync(skip_next_bucket_dispatch=ddp.ddp_config.align_param_gather)
 
 
 class _TakeUniqueRows(torch.autograd.Function):

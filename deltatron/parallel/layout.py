@@ -21,7 +21,8 @@ class ParallelConfig:
     # an explicit split can balance stages. None: as even as possible.
     pipeline_layers: Optional[list[int]] = None
     # overlap the data-parallel gradient reduction with the backward pass (megatron-core DDP
-    # buckets); with the distributed optimizer, also overlap the parameter all-gather
+    # buckets); with the distributed optimizer or MuonClip, also overlap the parameter all-gather
+    # (left to the next forward's pre-hooks; saving and evaluation force it first)
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = False
     # a collective that takes longer ends the run (with the NCCL flight recorder dumped into

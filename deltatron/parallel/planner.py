@@ -16,7 +16,8 @@ the planner adds up, in bytes per GPU:
   - MuonClip (deltatron.train.muonclip): Muon matrices keep an fp32 master and one momentum
     (8 B/param), AdamW parameters master + two moments (12 B/param), by whole tensors over the
     same data-parallel ranks (deltatron.parallel.muon_sharding's greedy placement: at most the
-    average plus one tensor), plus the Newton-Schulz workspace of the largest matrix;
+    average plus one tensor), plus the Newton-Schulz workspace of the largest matrix; its
+    gradient buffer's padding (whole tensors per owner's shard, logged at start-up) is not counted;
 * activations saved for the backward pass, counted tensor by tensor for each sub-layer type
   from what its forward saves (`_kda_items`, `_mla_items`, `_mlp_items`, `_moe_items`), times the
   micro-batches in flight on that pipeline rank under megatron-core's schedule (1F1B: pp - rank;
@@ -664,14 +665,11 @@ def build_plan(
     def ring(nbytes: float, n: int) -> float:
         return nbytes * (n - 1) / n / (dp_bw * 1e9) if n > 1 else 0.0
 
-    if optimizer == "adamw":
-        # reduce-scatter fp32 gradients (partly hidden by the backward), all-gather bf16 params
-        grads = ring(4.0 * dense_local, dp * cp) + ring(4.0 * expert_local, expert_dp)
-        params_gather = ring(a * dense_local, dp * cp) + ring(a * expert_local, expert_dp)
-    else:
-        # all-reduce of fp32 gradients, then each owner broadcasts its updated parameters
-        grads = 2 * (ring(4.0 * dense_local, dp * cp) + ring(4.0 * expert_local, expert_dp))
-        params_gather = ring(a * dense_local, dp * cp) + ring(a * expert_local, expert_dp)
+    # reduce-scatter fp32 gradients (partly hidden by the backward), all-gather bf16 params: both
+    # optimizers (MuonClip's buckets are laid out so that each owner's shard holds its whole
+    # tensors, deltatron.parallel.muon_sharding; their few percent of padding is not modelled)
+    grads = ring(4.0 * dense_local, dp * cp) + ring(4.0 * expert_local, expert_dp)
+    params_gather = ring(a * dense_local, dp * cp) + ring(a * expert_local, expert_dp)
     dp_time = rates.dp_grad_exposed * grads + params_gather
     # optimizer step: memory-bound pass over state, gradients and weights
     opt_time = (rm.optimizer * 2 + rm.gradients + rm.weights * 2) / (gpu.hbm_gbps * 1e9)

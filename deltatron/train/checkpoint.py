@@ -30,8 +30,20 @@ def model_sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def gather_params(chunks: list) -> None:
+    """Bring every replica's parameters up to date where megatron-core DDP leaves the all-gather of
+    the owners' updates to the next forward (overlap_param_gather: until then non-owners hold the
+    previous step's weights). Call before reading weights outside a training forward (saving,
+    evaluation). Collective over the data-parallel groups; nothing to do otherwise."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def save_model(chunks: list, checkpoint_dir: str) -> None:
     """Save the weights of all model chunks (collective: every rank calls it)."""
+    gather_params(chunks)
     save_sharded(model_sharded_state_dict(chunks), checkpoint_dir)
 
 

@@ -11,30 +11,32 @@ drives `param_groups` exactly as it drives its own optimizers):
 * AdamW for everything else (torch's AdamW formula, decoupled weight decay).
 * QK-clip on every MLA layer after the update (`qk_clip`), before the new weights are shared.
 
-Distribution (`deltatron.parallel.muon_sharding`): megatron-core DDP all-reduces gradients into
-`param.main_grad` as for its non-distributed optimizer; then each parameter is updated on one
-data-parallel replica only, which keeps its state (fp32 master when the model is bf16, Muon
-momentum or Adam moments): optimizer memory is divided by the DP size. Each Muon matrix is
-orthogonalised once, on one TP rank of that replica, from its TP shards gathered in bf16 (the
-Newton-Schulz precision, `optim.muon_ns_dtype`), and
-the slices are scattered back; expert matrices do this inside their expert-data x expert-tensor
-grid. The owning replica then broadcasts the new parameters over its DP group.
+Distribution (`deltatron.parallel.muon_sharding`): each parameter is updated on one
+data-parallel replica only, its owner, which keeps its state (fp32 master when the model is bf16,
+Muon momentum or Adam moments): optimizer memory is divided by the DP size. megatron-core's DDP
+runs with `use_distributed_optimizer=True` on an owner-aligned layout (`OwnerLayoutPlanner`,
+DDP's `full_param_layout`): every parameter lies whole in its owner's shard of a gradient bucket,
+so DDP's reduce-scatter (overlapped with the backward) hands each owner exactly the reduced
+gradients of its parameters, and DDP's parameter all-gather returns the updated parameters to
+every replica (`start_param_sync` at the end of the step, or the next forward's pre-hooks with
+`parallel.overlap_param_gather`). Each Muon matrix is orthogonalised once, on one TP rank of
+its owner replica, from its TP shards gathered in bf16 (the Newton-Schulz precision,
+`optim.muon_ns_dtype`), and the slices are scattered back; expert matrices do this inside their
+expert-data x expert-tensor grid.
 
-Order of a step, so that the broadcasts run behind the Newton-Schulz compute rather than after
-it (each stage's broadcast is asynchronous, `muon_sharding.dp_broadcast`):
+After the reduce-scatter, `main_grad` of a parameter this rank does not own holds its local,
+unreduced gradient: the step reads the gradients of owned parameters only (norm, clipping,
+updates), and the norm counts each element once, on its owner.
 
-1. clip gradients; QK-clip factors (they depend on the forward's max logits only);
-2. AdamW: update the owned parameters, write them into the model, launch their broadcast;
-3. Muon in `NS_WAVES` waves (every replica's Muon parameters cut in plan order into runs of about
-   equal Newton-Schulz cost, `muon_sharding.split_waves`), per wave: momentum, Newton-Schulz
-   (with its TP gather/scatter), update, QK-clip scaling of the wave's MLA weights, write into the
-   model, launch the wave's broadcast, then finish the previous stage's broadcast (its transfer
-   had this wave's compute to hide behind; at most two stages' buffers are alive);
-4. finish the last broadcast.
+Order of a step:
 
-Every parameter's arithmetic is the same as when the stages ran one after another: the stages only
-reorder independent per-tensor work (checked bit for bit on CPU, where Newton-Schulz of a batch
-equals that of each matrix; on GPU a smaller batch could select another matmul kernel).
+1. gradient norm over owned gradients and clipping; QK-clip factors (they depend on the forward's
+   max logits only);
+2. AdamW on the owned AdamW parameters; per grid, Muon on the owned Muon parameters (momentum,
+   Newton-Schulz with its TP gather/scatter, update);
+3. QK-clip scaling of the owned MLA weights, after their update and before they are shared;
+4. the owned masters written into the model (`param.data` is a view of DDP's parameter buffer),
+   then DDP's all-gather of the parameter buffers (unless the next forward's hooks do it).
 
 The step has megatron-core's optimizer contract: `step() -> (update_successful, grad_norm,
 num_zeros_in_grad)`, gradients clipped to `clip_grad` by their global norm first.
@@ -43,29 +45,23 @@ num_zeros_in_grad)`, gradients clipped to `clip_grad` by their global norm first
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from deltatron.parallel.muon_sharding import (
-    Grid, PendingBroadcast, WorkItem, dense_grid, dp_broadcast, expert_grid, newton_schulz_cost,
-    plan_owners, tp_gather, tp_scatter,
+    Grid, LayoutItem, WorkItem, check_owner_layout, dense_grid, expert_grid, newton_schulz_cost,
+    owner_aligned_layout, owners_from_buffer, plan_tp_owners, shard_divisor, tp_gather, tp_scatter,
 )
 from deltatron.train.config import OptimConfig
 from deltatron.train.muon_params import Block, FusedLayout, ParamSpec, classify, summarize
 from deltatron.train.newton_schulz import muon_update_scale, newton_schulz
 from deltatron.train.qk_clip import LayerClip, QKClip, mla_attentions
-
-# Waves the Muon parameters of each replica are cut into. Wave w's broadcast runs during wave
-# w + 1's Newton-Schulz, so only the last wave's broadcast (~1/NS_WAVES of the Muon parameters)
-# stays exposed; more waves hide more but run Newton-Schulz in smaller batches and issue more
-# collectives. 3: on 2 H200s (DP2, proxy model) one rank's Newton-Schulz products took 39 ms of
-# kernel time per step and the broadcasts 10 ms (bench/results/muonclip_h200x2_gbs4.profile.txt).
-NS_WAVES = 3
-
 
 @dataclass
 class _MuonBlock:
@@ -86,8 +82,7 @@ class _Entry:
     spec: ParamSpec
     grid: Grid
     group: dict
-    owner_dp: int = 0
-    wave: int = -1  # Muon: its wave (`NS_WAVES`), the same on every rank of the grid; AdamW: -1
+    owner_dp: int = 0  # the rank, in the DP group of the parameter's DDP buffer, that updates it
     blocks: list[_MuonBlock] = field(default_factory=list)
     master: Optional[torch.Tensor] = None  # fp32; the parameter's own storage when it is fp32
     separate_master: bool = False  # bf16 parameter: the master is copied into it after updates
@@ -104,30 +99,18 @@ class _Entry:
         return torch.zeros_like(self.param, dtype=torch.float32) if g is None else g
 
 
-@dataclass
-class _Stage:
-    """Parameters of one grid updated and then broadcast together: the AdamW ones, or one wave of
-    Muon ones. entries: every replica's, in plan order (receivers list what the owners send)."""
-
-    grid: Grid
-    muon: bool
-    entries: list[_Entry]
-
-    def params_by_owner(self) -> list[list[torch.nn.Parameter]]:
-        """`dp_broadcast`'s argument: [owner DP index] -> the parameters it sends, in plan order."""
-        return [[e.param for e in self.entries if e.owner_dp == d] for d in range(self.grid.dp_size)]
-
-
 @dataclass(frozen=True)
 class NormGroups:
-    """Process groups over which gradient norms are summed (as megatron-core's optimizers do):
-    `dense` holds the other TP/PP shards of dense parameters, `expert` those of expert
-    parameters (None when no parameter is expert-parallel)."""
+    """Groups that tell tensor-parallel duplicates apart for the gradient norm (megatron-core's
+    `param_is_not_tensor_parallel_duplicate`): `tp` for dense parameters, `expert_tp` for expert
+    ones. The norm itself is summed over all ranks, each gradient element on its owner only."""
 
-    dense: dist.ProcessGroup
-    expert: Optional[dist.ProcessGroup]
-    tp: dist.ProcessGroup
+    tp: Optional[dist.ProcessGroup]
     expert_tp: Optional[dist.ProcessGroup]
+
+
+def _no_param_sync() -> None:
+    """Nothing to share: one replica, or the next forward's pre-hooks all-gather (DDP)."""
 
 
 class MuonClipOptimizer:
@@ -141,16 +124,23 @@ class MuonClipOptimizer:
         *,
         dense: Grid,
         expert: Grid,
+        owners: dict[torch.nn.Parameter, int],
         norm_groups: NormGroups,
         qk_clip: Optional[QKClip] = None,
         num_sublayers: int = 0,
+        param_sync: Callable[[], None] = _no_param_sync,
     ):
         """named_params: unique keys (model-chunk prefixed names) in model order, the same order
-        on every rank of a grid. qk_clip: the MLA layers to clip (None: no clipping)."""
+        on every rank of a grid. Expert parameters (megatron's allreduce=False, in DDP's expert
+        buffers) belong to the `expert` grid, the others to `dense`. owners: each parameter's
+        owner DP index in its grid (`owners_from_ddp`). param_sync: shares the owners' updated
+        parameters with every replica after the step (DDP's all-gather). qk_clip: the MLA layers
+        to clip (None: no clipping)."""
         self.cfg = cfg
         self.norm_groups = norm_groups
         self.qk_clip = qk_clip
         self.num_sublayers = num_sublayers
+        self.param_sync = param_sync
         self.steps = 0
         self._ns_dtype = getattr(torch, cfg.muon_ns_dtype)
         self._qk_clips: list[LayerClip] = []  # the last step's factors, read by log_step_metrics
@@ -164,65 +154,44 @@ class MuonClipOptimizer:
         for key, p in named_params:
             if not p.requires_grad:
                 continue
+            if p not in owners:
+                raise ValueError(
+                    f"MuonClip: {key} has no owner replica; the model chunks must be wrapped by "
+                    "megatron-core DDP with an OwnerLayoutPlanner layout before build_muonclip"
+                )
             spec = classify(key, p, layout)
-            grid = expert if spec.expert else dense
+            grid = dense if getattr(p, "allreduce", True) else expert
             group = self.param_groups[0 if spec.optimizer == "muon" else (1 if spec.weight_decay else 2)]
             group["params"].append(p)
-            self.entries.append(_Entry(key, p, spec, grid, group))
-        self._plan(dense, ns_steps=cfg.muon_ns_steps)
-        if expert is not dense:
-            self._plan(expert, ns_steps=cfg.muon_ns_steps)
-        self._stages = self._make_stages()
+            self.entries.append(_Entry(key, p, spec, grid, group, owner_dp=owners[p]))
+        self._grids: list[Grid] = []  # in order of first appearance, the same on every rank (TP collectives)
+        for e in self.entries:
+            if all(e.grid is not g for g in self._grids):
+                self._grids.append(e.grid)
+        for grid in self._grids:
+            self._plan_matrices(grid, ns_steps=cfg.muon_ns_steps)
         self._by_param = {id(e.param): e for e in self.entries}
         for e in self.entries:
             if e.owned:
                 self._init_state(e)
 
     # ------------------------------------------------------------------ set-up
-    def _plan(self, grid: Grid, ns_steps: int) -> None:
+    def _plan_matrices(self, grid: Grid, ns_steps: int) -> None:
+        """Each Muon matrix's logical shape and owner TP rank inside its owner replica."""
         entries = [e for e in self.entries if e.grid is grid]
         items = []
         for e in entries:
-            blocks = []
-            for b in e.spec.blocks:
-                rows = e.param.shape[0] if b.rows is None else int(b.rows.numel())
-                shape = [rows, e.param.shape[1]]
-                if e.spec.tp_sharded:
-                    shape[e.spec.partition_dim] *= grid.tp_size
-                blocks.append((f"{e.key}:{b.label}", b, tuple(shape)))
-            full_numel = e.param.numel() * (grid.tp_size if e.spec.tp_sharded else 1)
-            # Elementwise work (Adam, momentum, decay) counts ~10 operations per element.
-            ns = [newton_schulz_cost(*shape, ns_steps) for _, _, shape in blocks]
-            items.append(WorkItem(e.key, 10.0 * full_numel + sum(ns), tuple((k, c) for (k, _, _), c in zip(blocks, ns))))
-            e.blocks = [
-                _MuonBlock(k, b, shape, 0, e.spec.tp_sharded, e.spec.partition_dim) for k, b, shape in blocks
-            ]
-        plan = plan_owners(items, grid.dp_size, grid.tp_size, num_waves=NS_WAVES)
+            item, e.blocks = work_item(e.key, e.param, e.spec, grid.tp_size, ns_steps)
+            items.append(item)
+        block_owner = plan_tp_owners(items, {e.key: e.owner_dp for e in entries}, grid.dp_size, grid.tp_size)
         for e in entries:
-            e.owner_dp = plan.param_owner[e.key]
-            e.wave = plan.wave.get(e.key, -1)
             for b in e.blocks:
-                b.owner_tp = plan.block_owner[b.key]
-
-    def _make_stages(self) -> list[_Stage]:
-        """The step's stages in the order every rank runs them (their collectives in that order):
-        each grid's AdamW parameters, then each grid's Muon waves; empty stages left out. Grids in
-        order of first appearance in the parameter list."""
-        grids: list[Grid] = []
-        for e in self.entries:
-            if all(e.grid is not g for g in grids):
-                grids.append(e.grid)
-        adamw = [e for e in self.entries if e.spec.optimizer == "adamw"]
-        muon = [e for e in self.entries if e.spec.optimizer == "muon"]
-        stages = [_Stage(g, False, [e for e in adamw if e.grid is g]) for g in grids]
-        stages += [
-            _Stage(g, True, [e for e in muon if e.grid is g and e.wave == w]) for g in grids for w in range(NS_WAVES)
-        ]
-        return [s for s in stages if s.entries]
+                b.owner_tp = block_owner[b.key]
 
     def _init_state(self, e: _Entry) -> None:
         p = e.param
         e.separate_master = p.dtype != torch.float32
+        # fp32: the parameter itself, a view of DDP's parameter buffer (updated in place, never rebound)
         e.master = p.detach().float().clone() if e.separate_master else p.data
         if e.spec.optimizer == "muon":
             e.state["momentum"] = {
@@ -251,62 +220,46 @@ class MuonClipOptimizer:
     def step(self) -> tuple[bool, float, None]:
         grad_norm = self._clip_gradients()
         self.steps += 1
-        # The factors depend only on the forward's max logits, so they are known before any update
-        # and each MLA weight is scaled right after its own update, before its broadcast.
+        # The factors depend only on the forward's max logits, so they are known before any update.
         self._qk_clips = self.qk_clip.factors() if self.qk_clip is not None else []
         qk_rows = self._qk_row_factors(self._qk_clips)
-        in_flight: Optional[PendingBroadcast] = None
-        for stage in self._stages:  # AdamW, then the Muon waves (module docstring)
-            self._update_stage(stage, qk_rows)
-            launched = dp_broadcast(stage.grid, stage.params_by_owner())
-            # The previous stage's transfer had this stage's compute to hide behind; finishing it
-            # now keeps at most two stages' flat buffers alive rather than a copy of every parameter.
-            if in_flight is not None:
-                in_flight.wait()
-            in_flight = launched
-        if in_flight is not None:
-            in_flight.wait()
+        owned = [e for e in self.entries if e.owned]
+        self._apply_adamw([e for e in owned if e.spec.optimizer == "adamw"])
+        for grid in self._grids:  # the same grids in the same order on every rank (TP collectives)
+            muon = [e for e in owned if e.grid is grid and e.spec.optimizer == "muon"]
+            self._apply_muon(muon, self._orthogonalised_updates(grid, muon))
+        for e in owned:  # QK-clip on the owner, after the update, before the weights are shared
+            for rows in qk_rows.get(id(e.param), []):
+                e.master.mul_(rows[:, None].to(e.master.dtype))
+        separate = [e for e in owned if e.separate_master]
+        if separate:  # copy_ into param.data: a view of DDP's parameter buffer, which the gather reads
+            torch._foreach_copy_([e.param.data for e in separate], [e.master for e in separate])
+        self.param_sync()
         return True, grad_norm, None
 
     # ------------------------------------------------------------------ pieces of the step
-    def _update_stage(self, stage: _Stage, qk_rows: dict[int, list[torch.Tensor]]) -> None:
-        """Update this replica's parameters of the stage and write them into the model (bf16
-        parameters: from their fp32 masters). qk_rows (`_qk_row_factors`): the stage takes the
-        factors of its weights out, so each weight is scaled once, after its own update."""
-        owned = [e for e in stage.entries if e.owned]
-        if stage.muon:
-            self._apply_muon(owned, self._orthogonalised_updates(stage.grid, owned))
-        else:
-            self._apply_adamw(owned)
-        for e in stage.entries:
-            for rows in qk_rows.pop(id(e.param), []):
-                if e.owned:
-                    e.master.mul_(rows[:, None].to(e.master.dtype))
-        separate = [e for e in owned if e.separate_master]
-        if separate:
-            torch._foreach_copy_([e.param.data for e in separate], [e.master for e in separate])
-
     def _clip_gradients(self) -> float:
+        """Global L2 norm of the reduced gradients, and clipping of the owned ones to clip_grad.
+
+        Only owned gradients are reduced (a non-owned `main_grad` holds this rank's local
+        gradient), so each rank sums the squares of its owned, not tensor-parallel-duplicate, not
+        pipeline-shared gradients and one all-reduce over all ranks adds every element once."""
         from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
         from megatron.core.transformer.module import param_is_not_shared
 
         ng = self.norm_groups
-        dense, expert = [], []
-        for e in self.entries:
-            p = e.param
-            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(
-                p, tp_group=ng.tp, expert_tp_group=ng.expert_tp
-            ):
-                (expert if e.spec.expert else dense).append(e.grad())
-        total = float(get_grad_norm_fp32(dense, grad_stats_parallel_group=ng.dense)) ** 2
-        if ng.expert is not None:
-            total += float(get_grad_norm_fp32(expert, grad_stats_parallel_group=ng.expert)) ** 2
-        norm = math.sqrt(total)
+        owned = [e for e in self.entries if e.owned]
+        counted = [
+            e.grad() for e in owned
+            if param_is_not_shared(e.param)
+            and param_is_not_tensor_parallel_duplicate(e.param, tp_group=ng.tp, expert_tp_group=ng.expert_tp)
+        ]
+        norm = float(get_grad_norm_fp32(counted))  # grad_stats_parallel_group None: every rank
         if self.cfg.clip_grad > 0:
             coeff = self.cfg.clip_grad / (norm + 1e-6)
-            if coeff < 1.0:
-                torch._foreach_mul_([e.grad() for e in self.entries], coeff)
+            if coeff < 1.0 and owned:
+                torch._foreach_mul_([e.grad() for e in owned], coeff)
         return norm
 
     def _orthogonalised_updates(self, grid: Grid, owned: list[_Entry]) -> dict[str, torch.Tensor]:
@@ -507,8 +460,136 @@ class MuonClipOptimizer:
         return self.qk_clip.stats(self._qk_clips, self.num_sublayers)
 
 
+def work_item(
+    key: str, param: torch.nn.Parameter, spec: ParamSpec, tp_size: int, ns_steps: int
+) -> tuple[WorkItem, list[_MuonBlock]]:
+    """A parameter's update cost (for the owner plan) and its Muon matrices (owner TP rank still
+    0). Shapes are logical: TP-sharded dimensions times tp_size, so every TP rank of a replica
+    computes the same costs from its own shard."""
+    blocks = []
+    for b in spec.blocks:
+        rows = param.shape[0] if b.rows is None else int(b.rows.numel())
+        shape = [rows, param.shape[1]]
+        if spec.tp_sharded:
+            shape[spec.partition_dim] *= tp_size
+        blocks.append(_MuonBlock(f"{key}:{b.label}", b, tuple(shape), 0, spec.tp_sharded, spec.partition_dim))
+    full_numel = param.numel() * (tp_size if spec.tp_sharded else 1)
+    ns = [newton_schulz_cost(*b.full_shape, ns_steps) for b in blocks]
+    # Elementwise work (Adam, momentum, decay) counts ~10 operations per element.
+    cost = 10.0 * full_numel + sum(ns)
+    return WorkItem(key, cost, tuple((b.key, c) for b, c in zip(blocks, ns))), blocks
+
+
+class OwnerLayoutPlanner:
+    """megatron-core DDP `FullParamLayout`s that put every parameter whole in its owner's DP shard.
+
+    Call `full_param_layout` once per model chunk, in chunk order, after the chunk's dtypes and
+    `allreduce` marks are final (Float16Module, fp32 parameters, expert marks: they decide the
+    buffers) and before DDP wraps it. Per buffer (megatron-core's `group_params_for_buffers`, the
+    grouping DDP itself does) the DP size is that of the buffer's group: the dense grid's for
+    dense buffers, the expert grid's for expert buffers. Update costs accumulate per grid over
+    all buffers and chunks, so the replicas' optimizer work stays balanced overall. `report`:
+    one line per buffer with its padding (also logged)."""
+
+    def __init__(self, cfg: OptimConfig, layout: FusedLayout, dense: Grid, expert: Grid):
+        self.cfg = cfg
+        self.layout = layout
+        self.grids = {False: dense, True: expert}
+        self.loads = {False: [0.0] * dense.dp_size, True: [0.0] * expert.dp_size}
+        self.report: list[str] = []
+        self._chunks = 0
+
+    def full_param_layout(self, module: torch.nn.Module, ddp_config, single_bucket: bool):
+        """The layout for DDP(module, ddp_config, full_param_layout=...). single_bucket: DDP makes
+        one bucket (a pipeline stage after the first, or a virtual-pipeline chunk after the first)."""
+        from megatron.core.distributed.param_and_grad_buffer import group_params_for_buffers
+        from megatron.core.optimizer.param_layout import FullParamLayout, PerBufferParamLayout
+
+        if not ddp_config.use_distributed_optimizer:
+            raise ValueError(
+                "MuonClip's owner layout needs DistributedDataParallelConfig(use_distributed_optimizer=True): "
+                "without it DDP all-reduces and refuses padded buckets"
+            )
+        names = {p: n for n, p in module.named_parameters() if p.requires_grad}
+        groups = group_params_for_buffers(list(names), ddp_config.grad_reduce_in_fp32)
+        layouts = {}
+        for key, (params, indices) in groups.items():
+            grid = self.grids[key.is_expert_parallel]
+            items = [self._item(names[p], p, grid) for p in params]
+            bucket_size = None if single_bucket else _ddp_bucket_size(ddp_config, grid.dp_size)
+            divisor = shard_divisor(grid.dp_size, ddp_config.pad_buckets_for_high_nccl_busbw)
+            plan = owner_aligned_layout(items, grid.dp_size, bucket_size, divisor, self.loads[key.is_expert_parallel])
+            check_owner_layout(plan, items)
+            self._log(key, plan, len(params))
+            layouts[key] = PerBufferParamLayout(
+                param_index_map={p: plan.spans[names[p]] for p in params},
+                bucket_indices=plan.buckets,
+                per_bucket_numel_unpadded=plan.unpadded,
+                param_indices=indices,
+                num_optimizer_shards=grid.dp_size,
+            )
+        self._chunks += 1
+        return FullParamLayout(layouts)
+
+    def _item(self, name: str, param: torch.nn.Parameter, grid: Grid) -> LayoutItem:
+        spec = classify(name, param, self.layout)
+        item, _ = work_item(name, param, spec, grid.tp_size, self.cfg.muon_ns_steps)
+        return LayoutItem(name, param.numel(), item.cost, isolated=getattr(param, "shared_embedding", False))
+
+    def _log(self, key, plan, num_params: int) -> None:
+        kind = "expert" if key.is_expert_parallel else "dense"
+        unpadded = sum(plan.unpadded)
+        line = (
+            f"MuonClip owner layout: chunk {self._chunks} {kind} {str(key.param_dtype).replace('torch.', '')} "
+            f"buffer, dp {plan.dp_size}: {num_params} params in {len(plan.buckets)} bucket(s), "
+            f"{plan.numel:,} elements for {unpadded:,} ({100 * plan.padding / max(unpadded, 1):.1f}% padding)"
+        )
+        logging.getLogger(__name__).info(line)
+        self.report.append(line)
+
+
+def _ddp_bucket_size(ddp_config, dp_size: int) -> Optional[int]:
+    """Elements per gradient bucket as megatron-core's DDP chooses them (None: one bucket, as DDP
+    does without overlap_grad_reduce)."""
+    if not ddp_config.overlap_grad_reduce:
+        return None
+    return ddp_config.bucket_size or max(40_000_000, 1_000_000 * dp_size)
+
+
+def owners_from_ddp(model_chunks: list, dense: Grid, expert: Grid) -> dict[torch.nn.Parameter, int]:
+    """Owner DP index of every parameter of these DDP-wrapped chunks, read from the positions in
+    DDP's buffers (`owners_from_buffer`). An index is a rank in the buffer's own DP group, so
+    that group must be the grid's (same ranks, same order) for the owner to be the rank that
+    receives the gradient."""
+    owners: dict[torch.nn.Parameter, int] = {}
+    for chunk in model_chunks:
+        if not getattr(chunk, "ddp_config", None) or not chunk.ddp_config.use_distributed_optimizer:
+            raise ValueError(
+                "MuonClip needs its model chunks wrapped by megatron-core DDP with "
+                "use_distributed_optimizer=True and an OwnerLayoutPlanner full_param_layout "
+                "(deltatron.train.trainer builds them so for optim=muonclip)"
+            )
+        for buffers, grid, kind in ((chunk.buffers, dense, "dense"), (chunk.expert_parallel_buffers, expert, "expert")):
+            for buffer in buffers:
+                ranks = dist.get_process_group_ranks(buffer.data_parallel_group)
+                if ranks != dist.get_process_group_ranks(grid.dp_group):
+                    raise RuntimeError(
+                        f"MuonClip: DDP reduces {kind} gradients over ranks {ranks}, but the {kind} grid's "
+                        f"DP group is {dist.get_process_group_ranks(grid.dp_group)}: owners would not get their gradients"
+                    )
+                owners.update(owners_from_buffer(buffer))
+    return owners
+
+
+def _start_param_sync(model_chunks: list) -> None:
+    """DDP's all-gather of the parameter buffers: every replica receives each owner's shard."""
+    for chunk in model_chunks:
+        chunk.start_param_sync()
+
+
 def build_muonclip(model_chunks: list, cfg: OptimConfig) -> MuonClipOptimizer:
-    """MuonClip for megatron-core DDP-wrapped model chunks, on the current process groups."""
+    """MuonClip for megatron-core DDP-wrapped model chunks (laid out by `OwnerLayoutPlanner`), on
+    the current process groups."""
     from megatron.core import parallel_state as ps
 
     config = model_chunks[0].config
@@ -517,17 +598,8 @@ def build_muonclip(model_chunks: list, cfg: OptimConfig) -> MuonClipOptimizer:
         for i, chunk in enumerate(model_chunks)
         for name, p in _unwrap(chunk).named_parameters()
     ]
-    expert_parallel = (
-        ps.get_expert_model_parallel_world_size() > 1
-        or ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size()
-    )
-    norm_groups = NormGroups(
-        dense=ps.get_model_parallel_group(),
-        expert=ps.get_expert_tensor_model_pipeline_parallel_group() if expert_parallel else None,
-        tp=ps.get_tensor_model_parallel_group(),
-        expert_tp=ps.get_expert_tensor_parallel_group(),
-    )
-    dense = dense_grid()
+    norm_groups = NormGroups(tp=ps.get_tensor_model_parallel_group(), expert_tp=ps.get_expert_tensor_parallel_group())
+    dense, expert = dense_grid(), expert_grid()
     qk = None
     if cfg.qk_clip_tau is not None:
         if not getattr(config, "qk_clip", False):
@@ -540,10 +612,14 @@ def build_muonclip(model_chunks: list, cfg: OptimConfig) -> MuonClipOptimizer:
             dp_group=ps.get_data_parallel_group(with_context_parallel=True),
             stats_group=ps.get_model_parallel_group(),
         )
+    # With overlap_param_gather the next forward's pre-hooks all-gather (checkpoint saves and
+    # evaluation force it first: deltatron.train.checkpoint.gather_params).
+    overlap = model_chunks[0].ddp_config.overlap_param_gather
     return MuonClipOptimizer(
         named, cfg, FusedLayout.from_config(config),
-        dense=dense, expert=expert_grid() if expert_parallel else dense,
+        dense=dense, expert=expert, owners=owners_from_ddp(model_chunks, dense, expert),
         norm_groups=norm_groups, qk_clip=qk, num_sublayers=config.num_layers,
+        param_sync=_no_param_sync if overlap else partial(_start_param_sync, model_chunks),
     )
 
 

@@ -36,7 +36,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 
-from deltatron.train.checkpoint import check_complete, model_sharded_state_dict, save_sharded, unwrap
+from deltatron.train.checkpoint import check_complete, gather_params, model_sharded_state_dict, save_sharded, unwrap
 from deltatron.train.optim import prepare_for_loading
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
@@ -174,6 +174,7 @@ class CheckpointSaver:
         """Save the training state after `progress.step` steps: complete on return, or with
         async_save staged and being written. Returns the checkpoint's directory."""
         self.wait()
+        gather_params(chunks)
         path = os.path.join(self.save_dir, checkpoint_name(progress.step))
         state = _state_dict(chunks, optimizer, scheduler, data, progress, model_config, False)
         save_sharded(state, path, self.queue, on_visible=lambda: self._visible(path))

@@ -25,11 +25,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from deltatron.model.attnres import collect_depth_metrics, start_depth_metrics
+from deltatron.model.grouped_experts import wait_for_expert_param_gather
 from deltatron.model.model import build_model, packed_seq_params
 from deltatron.model.te import describe_transformer_impl
 from deltatron.parallel.cp_slice import cp_packed_seq_params, slice_batch
 from deltatron.parallel.setup import init_process_groups
-from deltatron.train.checkpoint import load_model
+from deltatron.train.checkpoint import gather_params, load_model
 from deltatron.train.config import RunConfig
 from deltatron.train.flops import peak_tflops, training_flops_per_token
 from deltatron.train.metrics import ModelProbes, StepTimer, grad_norms_by_group, rank_stats
@@ -133,9 +134,12 @@ class Trainer:
         self.data = data
         # AdamW on GPUs: megatron-core's distributed optimizer (ZeRO-1; with one data-parallel
         # rank it holds the same state as the plain one, so every GPU run takes one path). It
-        # refuses CPU tensors. MuonClip shards its own state over whole matrices: DDP all-reduces
-        # its gradients.
+        # refuses CPU tensors. MuonClip shards its own state over whole matrices: DDP
+        # reduce-scatters its gradients on an owner-aligned layout (OwnerLayoutPlanner), on any device.
         self.distributed_optimizer = torch.cuda.is_available() and cfg.optim.name == "adamw"
+        # each rank holds reduced gradients only on its shards of DDP's buckets
+        self.sharded_grads = self.distributed_optimizer or cfg.optim.name == "muonclip"
+        self.owner_layout = None  # MuonClip's OwnerLayoutPlanner, made with the first chunk
         self.model = self._build_model_chunks()
         self.optimizer = build_optimizer(
             self.model, cfg.optim, bf16=self.precision == "bf16", distributed=self.distributed_optimizer,
@@ -226,15 +230,32 @@ class Trainer:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=par.overlap_grad_reduce,
-                overlap_param_gather=par.overlap_param_gather and self.distributed_optimizer,
-                use_distributed_optimizer=self.distributed_optimizer,
+                overlap_param_gather=par.overlap_param_gather and self.sharded_grads,
+                use_distributed_optimizer=self.sharded_grads,
             )
             ddp = DistributedDataParallel(
                 config=model.config, ddp_config=ddp_config, module=model,
-                disable_bucketing=vp_stage > 0,
+                disable_bucketing=vp_stage > 0, full_param_layout=self._muon_layout(model, ddp_config, vp_stage),
             )
+            wait_for_expert_param_gather(ddp)
             chunks.append(ddp)
         return chunks
+
+    def _muon_layout(self, model: torch.nn.Module, ddp_config, vp_stage: int):
+        """MuonClip: the owner-aligned DDP layout of this chunk (None for AdamW: megatron-core's
+        own). DDP makes one bucket on pipeline stages after the first and chunks after the first."""
+        if self.cfg.optim.name != "muonclip":
+            return None
+        from deltatron.parallel.muon_sharding import dense_grid, expert_grid
+        from deltatron.train.muon_params import FusedLayout
+        from deltatron.train.muonclip import OwnerLayoutPlanner
+
+        if self.owner_layout is None:
+            self.owner_layout = OwnerLayoutPlanner(
+                self.cfg.optim, FusedLayout.from_config(model.config), dense_grid(), expert_grid()
+            )
+        single_bucket = vp_stage > 0 or parallel_state.get_pipeline_model_parallel_rank() > 0
+        return self.owner_layout.full_param_layout(model, ddp_config, single_bucket)
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
@@ -373,8 +394,8 @@ class Trainer:
 
     def _log_step_metrics(self, loss_dicts: list) -> dict:
         """optim/grad_norm/{group} (reduced gradients, before clipping) and data/loss/{dataset}."""
-        # the distributed optimizer's ranks hold only their shard of the reduced gradients
-        out = grad_norms_by_group(self.model, sharded=self.distributed_optimizer)
+        # under the distributed optimizer and MuonClip ranks hold only their shard of the reduced gradients
+        out = grad_norms_by_group(self.model, sharded=self.sharded_grads)
         if len(self.dataset_names) > 1:
             n = len(self.dataset_names)
             per_ds = torch.zeros(n * 2, dtype=torch.float64, device=self.device)
@@ -421,6 +442,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        gather_params(self.model)  # every replica's weights current, not only the owners'
         for m in self.model:
             m.eval()
         losses = self._run_schedule(self.data.val_batches(self.cfg.train.eval_batches), forward_only=True)
@@ -454,6 +476,7 @@ class Trainer:
                     f"MFU peak: {self.peak_source}",
                     f"run directory: {self.run_dir} (resolved config: {os.path.join(self.run_dir, 'config.yaml')})",
                     *(self.optimizer.describe() if hasattr(self.optimizer, "describe") else []),
+                    *(self.owner_layout.report if self.owner_layout is not None else []),
                 ]
             )
         )
