@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.optimizer.param_layout import bucket_end_divisor, pad_param_start, pad_to_divisor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
@@ -173,8 +174,6 @@ def owner_aligned_layout(
 def shard_divisor(dp_size: int, pad_for_high_nccl_busbw: bool) -> int:
     """Shard sizes are multiples of this: every shard start is 64-aligned and every bucket
     dp * S_b meets megatron-core's bucket-end rule (lcm(dp, 128), or with 2^16 for busbw)."""
-    from megatron.core.optimizer.param_layout import bucket_end_divisor
-
     return math.lcm(64, bucket_end_divisor(dp_size, pad_for_high_nccl_busbw) // dp_size)
 
 
@@ -182,25 +181,22 @@ def _bucket_runs(items: list[LayoutItem], dp_size: int, bucket_size: int | None)
     """The buckets' parameters, in backprop order; (run, isolated) per bucket."""
     runs: list[tuple[list[LayoutItem], bool]] = []
     run: list[LayoutItem] = []
+    total = largest = 0  # of run
     for item in reversed(items):
         if item.isolated:
             if run:
                 runs.append((run, False))
             runs.append(([item], True))
-            run = []
+            run, total, largest = [], 0, 0
             continue
         run.append(item)
-        total, largest = sum(i.numel for i in run), max(i.numel for i in run)
+        total, largest = total + item.numel, max(largest, item.numel)
         if bucket_size is not None and total >= max(bucket_size, int(PADDING_FLOOR * dp_size * largest)):
             runs.append((run, False))
-            run = []
+            run, total, largest = [], 0, 0
     if run:
         runs.append((run, False))
     return runs
-
-
-def _pad64(n: int) -> int:
-    return -(-n // 64) * 64
 
 
 def _pack_bucket(run: list[LayoutItem], dp_size: int, load: list[float]) -> list[list[LayoutItem]]:
@@ -209,10 +205,10 @@ def _pack_bucket(run: list[LayoutItem], dp_size: int, load: list[float]) -> list
     shards: list[list[LayoutItem]] = [[] for _ in range(dp_size)]
     fill = [0] * dp_size  # elements used in each shard, parameters 64-aligned
     for item in sorted(run, key=lambda i: (-i.numel, i.key)):
-        fits = [r for r in range(dp_size) if _pad64(fill[r]) + item.numel <= cap]
+        fits = [r for r in range(dp_size) if pad_param_start(fill[r]) + item.numel <= cap]
         r = min(fits, key=lambda s: (load[s], s)) if fits else min(range(dp_size), key=lambda s: (fill[s], s))
         shards[r].append(item)
-        fill[r] = _pad64(fill[r]) + item.numel
+        fill[r] = pad_param_start(fill[r]) + item.numel
         load[r] += item.cost
     return shards
 
@@ -229,14 +225,14 @@ def _emit_bucket(out: BufferLayout, shards: list[list[LayoutItem]], divisor: int
     for shard in shards:
         fill = 0
         for item in shard:
-            fill = _pad64(fill) + item.numel
+            fill = pad_param_start(fill) + item.numel
         fills.append(fill)
-    size = -(-max(max(fills), padding_like, 1) // divisor) * divisor
+    size = pad_to_divisor(max(max(fills), padding_like, 1), divisor)
     start, bucket_id = out.numel, len(out.buckets)
     for r, shard in enumerate(shards):
         cursor = start + r * size
         for item in shard:
-            cursor = _pad64(cursor)
+            cursor = pad_param_start(cursor)
             out.spans[item.key] = (cursor, cursor + item.numel, bucket_id)
             out.owner[item.key] = r
             cursor += item.numel
