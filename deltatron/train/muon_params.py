@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -55,17 +55,34 @@ class FusedLayout:
 class Block:
     """One logical matrix inside a local parameter tensor.
 
-    rows: indices along dim 0 of the local tensor (None: the whole tensor). Under tensor
+    rows: its rows along dim 0 of the local tensor: None (the whole tensor), a slice (a contiguous
+    range, e.g. SwiGLU's gate and up halves: taken as views, updated in place) or an index tensor
+    (interleaved rows, MLA's per-head key and value rows: taken as copies). Under tensor
     parallelism a block's full matrix is the concatenation of every TP rank's block along the
     parameter's partition dim.
     """
 
     label: str
-    rows: Optional[torch.Tensor]
+    rows: Union[None, slice, torch.Tensor]
+
+    def view(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """This block of a local [rows, cols] tensor as a view of it; None for interleaved rows."""
+        if self.rows is None:
+            return t
+        return t[self.rows] if isinstance(self.rows, slice) else None
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        """This block of a local [rows, cols] tensor (a view when rows is None, else a copy)."""
-        return t if self.rows is None else t.index_select(0, self.rows)
+        """This block of a local [rows, cols] tensor: a view where `view` gives one, else a copy."""
+        v = self.view(t)
+        return v if v is not None else t.index_select(0, self.rows)
+
+    def num_rows(self, total: int) -> int:
+        """Rows of the block in a local tensor of `total` rows."""
+        if self.rows is None:
+            return total
+        if isinstance(self.rows, slice):
+            return len(range(*self.rows.indices(total)))
+        return int(self.rows.numel())
 
 
 @dataclass(frozen=True)
@@ -84,8 +101,8 @@ def _row_blocks(name: str, local_shape: tuple[int, int], layout: FusedLayout, de
     if layout.glu and _GLU_FC1.search(name):
         half = rows // 2  # megatron-core keeps [gate; up] within each TP shard
         return (
-            Block("gate", torch.arange(0, half, device=device)),
-            Block("up", torch.arange(half, rows, device=device)),
+            Block("gate", slice(0, half)),
+            Block("up", slice(half, rows)),
         )
     if _KV_UP.search(name):
         per_head = layout.kv_key_dim + layout.kv_value_dim

@@ -144,6 +144,7 @@ class MuonClipOptimizer:
         self.steps = 0
         self._ns_dtype = getattr(torch, cfg.muon_ns_dtype)
         self._qk_clips: list[LayerClip] = []  # the last step's factors, read by log_step_metrics
+        self._adam_step: Optional[torch.Tensor] = None  # AdamW's step count on the device
         base = dict(lr=cfg.lr, min_lr=cfg.min_lr, max_lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.param_groups = [
             dict(name="muon", params=[], wd_mult=1.0, default_config=True, **base),
@@ -310,16 +311,17 @@ class MuonClipOptimizer:
         return {b.key: s for blocks, ss in zip(by_owner, got) for b, s in zip(blocks, ss)}
 
     def _batched_newton_schulz(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Newton-Schulz of each matrix; same-shape matrices (e.g. experts) run as one batch."""
+        """Newton-Schulz of each matrix; same-shape matrices (e.g. experts) run as one batch,
+        written in the NS dtype by one multi-tensor copy (no fp32 stack)."""
         out: list[Optional[torch.Tensor]] = [None] * len(matrices)
         by_shape: dict[tuple, list[int]] = {}
         for i, m in enumerate(matrices):
             by_shape.setdefault(tuple(m.shape), []).append(i)
-        for idx in by_shape.values():
-            batch = newton_schulz(
-                torch.stack([matrices[i] for i in idx]), steps=self.cfg.muon_ns_steps, dtype=self._ns_dtype
-            )
-            for i, o in zip(idx, batch):
+        for shape, idx in by_shape.items():
+            batch = torch.empty((len(idx), *shape), dtype=self._ns_dtype, device=matrices[idx[0]].device)
+            torch._foreach_copy_(list(batch.unbind(0)), [matrices[i] for i in idx])
+            batch = newton_schulz(batch, steps=self.cfg.muon_ns_steps, dtype=self._ns_dtype, overwrite=True)
+            for i, o in zip(idx, batch.unbind(0)):
                 out[i] = o
         return out
 
@@ -331,10 +333,11 @@ class MuonClipOptimizer:
             momentum = torch.zeros_like(e.master)
             for b in e.blocks:
                 m = e.state["momentum"][b.key]
-                if b.block.rows is None:
-                    momentum.copy_(m)
-                else:
+                target = b.block.view(momentum)
+                if target is None:
                     momentum.index_copy_(0, b.block.rows, m)
+                else:
+                    target.copy_(m)
             out["momentum"] = momentum
         else:
             out["exp_avg"], out["exp_avg_sq"] = e.state["exp_avg"], e.state["exp_avg_sq"]
@@ -404,39 +407,41 @@ class MuonClipOptimizer:
         """W <- W (1 - lr wd) - lr * scale(A, B) * O for every owned Muon matrix."""
         for (lr, wd), group in self._by_rate(entries).items():
             torch._foreach_mul_([e.master for e in group], 1.0 - lr * wd)
-            whole, steps, alphas = [], [], []
+            by_alpha: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
             for e in group:
                 for b in e.blocks:
                     alpha = -lr * muon_update_scale(b.full_shape, self.cfg.muon_rms_scale)
-                    step = updates[b.key].float()
-                    if b.block.rows is None:
-                        whole.append(e.master)
-                        steps.append(step)
-                        alphas.append(alpha)
+                    target = b.block.view(e.master)
+                    if target is None:  # interleaved rows (MLA's key/value): few, one kernel each
+                        e.master.index_add_(0, b.block.rows, updates[b.key].float(), alpha=alpha)
                     else:
-                        e.master.index_add_(0, b.block.rows, step, alpha=alpha)
-            if whole:
-                torch._foreach_mul_(steps, alphas)
-                torch._foreach_add_(whole, steps)
+                        targets, steps = by_alpha.setdefault(alpha, ([], []))
+                        targets.append(target)
+                        steps.append(updates[b.key])
+            for alpha, (targets, steps) in by_alpha.items():
+                _add_scaled(targets, steps, alpha)
 
     def _apply_adamw(self, entries: list[_Entry]) -> None:
-        """torch's AdamW update (decoupled weight decay, bias-corrected moments)."""
+        """torch's AdamW update (decoupled weight decay, bias-corrected moments), by its fused
+        multi-tensor kernel: one pass over parameter, gradient and moments where the same
+        formula in foreach operations takes ten."""
+        if not entries:
+            return
         cfg = self.cfg
-        bias1 = 1.0 - cfg.beta1**self.steps
-        bias2 = 1.0 - cfg.beta2**self.steps
+        device = entries[0].master.device
+        if self._adam_step is None or self._adam_step.device != device:
+            self._adam_step = torch.zeros((), dtype=torch.float32, device=device)
+        # The kernel reads each tensor's step count (for the bias corrections) from state_steps
+        # without changing it: one device scalar, set without a host-to-device copy, serves all.
+        self._adam_step.fill_(self.steps)
         for (lr, wd), group in self._by_rate(entries).items():
             masters = [e.master for e in group]
-            grads = [e.grad().float() for e in group]
-            m = [e.state["exp_avg"] for e in group]
-            v = [e.state["exp_avg_sq"] for e in group]
-            torch._foreach_lerp_(m, grads, 1.0 - cfg.beta1)
-            torch._foreach_mul_(v, cfg.beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1.0 - cfg.beta2)
-            torch._foreach_mul_(masters, 1.0 - lr * wd)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(bias2))
-            torch._foreach_add_(denom, cfg.eps)
-            torch._foreach_addcdiv_(masters, m, denom, value=-lr / bias1)
+            grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip((e.grad() for e in group), masters)]
+            torch._fused_adamw_(
+                masters, grads, [e.state["exp_avg"] for e in group], [e.state["exp_avg_sq"] for e in group],
+                [], [self._adam_step] * len(group), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                weight_decay=wd, eps=cfg.eps, amsgrad=False, maximize=False,
+            )
 
     def _qk_row_factors(self, clips: list[LayerClip]) -> dict[int, list[torch.Tensor]]:
         """id(weight) -> the row factors its master is scaled by after its update, for the q and
@@ -460,6 +465,21 @@ class MuonClipOptimizer:
         return self.qk_clip.stats(self._qk_clips, self.num_sublayers)
 
 
+def _add_scaled(targets: list[torch.Tensor], steps: list[torch.Tensor], alpha: float) -> None:
+    """targets[i] += alpha * steps[i], the steps in any dtype (Newton-Schulz's bf16). Widened by
+    one multi-tensor copy into a flat buffer of the targets' dtype, then one multi-tensor add:
+    a `.float()` per matrix costs a launch and an allocation each (over a thousand for 32
+    experts x 11 layers)."""
+    dtype = targets[0].dtype
+    if all(s.dtype == dtype for s in steps):
+        torch._foreach_add_(targets, steps, alpha=alpha)
+        return
+    flat = torch.empty(sum(s.numel() for s in steps), dtype=dtype, device=targets[0].device)
+    wide = [w.view(s.shape) for w, s in zip(flat.split([s.numel() for s in steps]), steps)]
+    torch._foreach_copy_(wide, steps)
+    torch._foreach_add_(targets, wide, alpha=alpha)
+
+
 def work_item(
     key: str, param: torch.nn.Parameter, spec: ParamSpec, tp_size: int, ns_steps: int
 ) -> tuple[WorkItem, list[_MuonBlock]]:
@@ -468,7 +488,7 @@ def work_item(
     computes the same costs from its own shard."""
     blocks = []
     for b in spec.blocks:
-        rows = param.shape[0] if b.rows is None else int(b.rows.numel())
+        rows = b.num_rows(param.shape[0])
         shape = [rows, param.shape[1]]
         if spec.tp_sharded:
             shape[spec.partition_dim] *= tp_size

@@ -27,11 +27,14 @@ def newton_schulz(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Approximate orthogonalisation of each matrix in a batch.
 
     g: [m, n] or [B, m, n] (any float dtype). Returns `dtype` (bf16 by default) of the same shape.
     Works on the wide orientation (m <= n) so the Gram matrix X X^T is the smaller one.
+    overwrite: g is scratch the caller built for this call (already in `dtype`): it is
+    normalised in place instead of copied.
     """
     if g.dim() not in (2, 3):
         raise ValueError(f"newton_schulz takes [m, n] or [B, m, n] matrices, got shape {tuple(g.shape)}")
@@ -43,8 +46,11 @@ def newton_schulz(
     # Frobenius norm of each matrix, accumulated in fp32, bounds the spectral norm by 1. The input
     # is rounded to `dtype` before (as torch.optim.Muon does), so a matrix gathered from TP shards
     # sent in `dtype` gives exactly the result of the unsharded one.
-    norm = x.float().norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    x = (x.float() / norm).to(dtype)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float32).clamp_min(eps)
+    if x.data_ptr() == g.data_ptr() and not overwrite:  # g was already in `dtype`: keep it intact
+        x = x.clone()
+    # x / norm in fp32, rounded to `dtype` (the in-place division computes in fp32 too)
+    x = x.div_(norm)
     for _ in range(steps):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
